@@ -1,0 +1,41 @@
+"""ImageNet-1k categories: WordNet ids, readable names and their folder names.
+
+The class index ships inside the package (Keras' `decode_predictions` would download it).
+A category is always identified by its WordNet id (`wnid`, e.g. "n02123045"); two classes
+share the name "crane", so folder names carry both: "n02012849_crane".
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from functools import lru_cache
+from importlib import resources
+
+
+@lru_cache(maxsize=1)
+def class_index() -> tuple[tuple[str, str], ...]:
+    """(wnid, name) for each of the 1000 output units, in the models' output order."""
+    text = resources.files("cbir").joinpath("data/imagenet_class_index.json").read_text()
+    raw = json.loads(text)
+    return tuple((raw[str(i)][0], raw[str(i)][1]) for i in range(len(raw)))
+
+
+@lru_cache(maxsize=1)
+def names_by_wnid() -> dict[str, str]:
+    return dict(class_index())
+
+
+def wnids() -> list[str]:
+    """The 1000 WordNet ids in output order."""
+    return [wnid for wnid, _ in class_index()]
+
+
+def folder_name(wnid: str) -> str:
+    """The category's folder in a database: wnid plus a filesystem-safe name."""
+    name = re.sub(r"[^A-Za-z0-9_-]+", "_", names_by_wnid()[wnid]).strip("_")
+    return f"{wnid}_{name}"
+
+
+def wnid_of_folder(folder: str) -> str:
+    return folder.split("_", 1)[0]

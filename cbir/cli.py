@@ -1,0 +1,344 @@
+"""Command line: parse arguments, call the library, print results, choose the exit code.
+
+Heavy modules (TensorFlow, OpenVINO, matplotlib) are imported only by the commands that need
+them, so `cbir --help` and `cbir info` start in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from cbir import __version__
+from cbir.errors import BadImage, CbirError
+
+EXIT_SKIPPED = 3  # --strict and some files were skipped
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except CbirError as exc:
+        print(f"cbir: error: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # output piped into e.g. `head`, which stopped reading
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except KeyboardInterrupt:
+        print("cbir: interrupted; everything committed before this point is intact, "
+              "run the same command again to finish", file=sys.stderr)  # fmt: skip
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from cbir.images import DEFAULT_MAX_MEGAPIXELS
+    from cbir.indexing import DEFAULT_BATCH_SIZE
+    from cbir.model import BACKBONES, DEFAULT_BACKBONE, ENGINES, POOLINGS, PRECISIONS
+    from cbir.search import DEFAULT_MIN_CANDIDATES
+    from cbir.store import LINK_MODES
+
+    parser = argparse.ArgumentParser(
+        prog="cbir", description="Content-based image retrieval with ImageNet CNNs."
+    )
+    parser.add_argument("--version", action="version", version=f"cbir {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def engine_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--engine",
+            choices=ENGINES,
+            default="auto",
+            help="inference engine (default: the fastest available)",
+        )
+        p.add_argument(
+            "--precision",
+            choices=PRECISIONS,
+            default="auto",
+            help="openvino precision (default: bf16 where the CPU has it)",
+        )
+
+    def model_options(p: argparse.ArgumentParser, default: str | None) -> None:
+        p.add_argument(
+            "--model",
+            choices=list(BACKBONES),
+            default=default,
+            help=f"backbone (default: {default or 'the one the database was built with'})",
+        )
+        p.add_argument(
+            "--weights",
+            default=None if default is None else "imagenet",
+            help="imagenet (Keras' cache, downloaded if missing), none (random, for "
+            "benchmarks), or a weights FILE",
+        )
+
+    def writer_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--no-wait",
+            dest="wait",
+            action="store_false",
+            help="fail at once if another cbir process is writing to the database",
+        )
+
+    def index_options(p: argparse.ArgumentParser) -> None:
+        model_options(p, DEFAULT_BACKBONE)
+        p.add_argument(
+            "--top-k", type=int, default=4, help="categories each image is stored in (default: 4)"
+        )
+        p.add_argument(
+            "--link",
+            choices=LINK_MODES,
+            default="copy",
+            help="how images are stored in category folders (default: copy)",
+        )
+        p.add_argument(
+            "--pooling", choices=POOLINGS, default="gap", help="feature pooling (default: gap)"
+        )
+        p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
+        p.add_argument(
+            "--max-megapixels",
+            type=float,
+            default=DEFAULT_MAX_MEGAPIXELS,
+            help="larger images are skipped as possible decompression bombs",
+        )
+        p.add_argument("--strict", action="store_true", help="exit non-zero if any file is skipped")
+        engine_options(p)
+        writer_options(p)
+
+    p = commands.add_parser("create-db", help="index a folder of images into a database")
+    p.add_argument("source_dir", type=Path)
+    p.add_argument("db_dir", type=Path)
+    index_options(p)
+    p.add_argument(
+        "--prune", action="store_true", help="also drop entries whose source file no longer exists"
+    )
+    p.set_defaults(handler=cmd_create_db)
+
+    p = commands.add_parser("add", help="add files or folders to an existing database")
+    p.add_argument("db_dir", type=Path)
+    p.add_argument("paths", type=Path, nargs="+")
+    index_options(p)
+    p.set_defaults(handler=cmd_add)
+
+    p = commands.add_parser("remove", help="drop images (their rows and stored copies)")
+    p.add_argument("db_dir", type=Path)
+    p.add_argument("paths", type=Path, nargs="+")
+    writer_options(p)
+    p.set_defaults(handler=cmd_remove)
+
+    p = commands.add_parser("sync", help="drop entries whose source file no longer exists")
+    p.add_argument("db_dir", type=Path)
+    writer_options(p)
+    p.set_defaults(handler=cmd_sync)
+
+    p = commands.add_parser("query", help="find the images most similar to query images")
+    p.add_argument("db_dir", type=Path)
+    p.add_argument("images", type=Path, nargs="+")
+    p.add_argument("-n", type=int, default=10, dest="n_results", help="results per query")
+    p.add_argument("--json", action="store_true", help="one JSON object per query per line")
+    p.add_argument("--plot", type=Path, metavar="FILE", help="save a figure of the results")
+    p.add_argument(
+        "--all",
+        action="store_true",
+        dest="search_all",
+        help="search every category, not only the predicted ones",
+    )
+    p.add_argument(
+        "--min-candidates",
+        type=int,
+        default=DEFAULT_MIN_CANDIDATES,
+        help="widen the searched categories until they hold this many images",
+    )
+    model_options(p, None)
+    engine_options(p)
+    p.set_defaults(handler=cmd_query)
+
+    p = commands.add_parser("info", help="describe a database")
+    p.add_argument("db_dir", type=Path)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_info)
+    return parser
+
+
+def _index_options(args: argparse.Namespace):  # noqa: ANN202
+    from cbir.indexing import IndexOptions
+
+    if args.top_k < 1 or args.top_k > 1000:
+        raise CbirError("--top-k must be between 1 and 1000")
+    if args.batch_size < 1:
+        raise CbirError("--batch-size must be at least 1")
+    return IndexOptions(
+        backbone=args.model, weights=args.weights, top_k=args.top_k, link=args.link,
+        pooling=args.pooling, engine=args.engine, precision=args.precision,
+        batch_size=args.batch_size, max_megapixels=args.max_megapixels, wait=args.wait,
+    )  # fmt: skip
+
+
+def _index(args: argparse.Namespace, db_dir: Path, sources: list[Path]) -> int:
+    from cbir.indexing import Callbacks, index_paths
+
+    def on_skip(bad: BadImage) -> None:
+        _clear_progress()
+        print(f"skipping {bad.path}: {bad.reason}", file=sys.stderr)
+
+    callbacks = Callbacks(on_skip=on_skip, on_wait=_say, progress=_progress_bar)
+    report = index_paths(db_dir, sources, _index_options(args), callbacks)
+    removed = 0
+    if getattr(args, "prune", False):
+        from cbir.indexing import sync
+
+        removed = sync(db_dir, wait=args.wait)
+    summary = (
+        f"indexed {report.indexed}, unchanged {report.unchanged}, skipped {len(report.skipped)}"
+    )
+    if report.new_paths:
+        summary += f", known content under a new name {report.new_paths}"
+    if report.removed + removed:
+        summary += f", removed {report.removed + removed}"
+    print(summary, file=sys.stderr)
+    if args.strict and report.skipped:
+        print(f"cbir: error: {len(report.skipped)} file(s) skipped (--strict)", file=sys.stderr)
+        return EXIT_SKIPPED
+    return 0
+
+
+def cmd_create_db(args: argparse.Namespace) -> int:
+    if not args.source_dir.is_dir():
+        raise CbirError(f"source folder {args.source_dir} does not exist")
+    return _index(args, args.db_dir, [args.source_dir])
+
+
+def cmd_add(args: argparse.Namespace) -> int:
+    from cbir.store import read_manifest
+
+    read_manifest(args.db_dir)  # adding needs an existing database
+    return _index(args, args.db_dir, args.paths)
+
+
+def cmd_remove(args: argparse.Namespace) -> int:
+    from cbir.indexing import remove_sources
+
+    removed = remove_sources(args.db_dir, args.paths, wait=args.wait)
+    print(f"removed {removed}", file=sys.stderr)
+    return 0
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    from cbir.indexing import sync
+
+    removed = sync(args.db_dir, wait=args.wait)
+    print(f"removed {removed}", file=sys.stderr)
+    return 0
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    from cbir.query import QueryOptions, open_for_query, run_queries
+
+    if args.n_results < 1:
+        raise CbirError("-n must be at least 1")
+    for path in args.images:
+        if not path.is_file():
+            raise CbirError(f"query image {path} does not exist")
+    options = QueryOptions(
+        n_results=args.n_results, search_all=args.search_all,
+        min_candidates=args.min_candidates, engine=args.engine, precision=args.precision,
+    )  # fmt: skip
+    db, model = open_for_query(args.db_dir, options, args.model, args.weights)
+    outcomes = run_queries(db, model, args.images, options)
+    results = []
+    for outcome in outcomes:
+        if isinstance(outcome, BadImage):
+            print(f"cbir: error: query {outcome.path}: {outcome.reason}", file=sys.stderr)
+            continue
+        results.append(outcome)
+        if args.json:
+            print(json.dumps(_result_json(outcome), ensure_ascii=False))
+        else:
+            _print_table(outcome)
+    if args.plot and results:
+        from cbir.plotting import plot_results
+
+        plot_results(results, args.plot, n_results=min(args.n_results, 5))
+        print(f"saved plot {args.plot}", file=sys.stderr)
+    return 0 if len(results) == len(outcomes) else 1
+
+
+def _result_json(result) -> dict:  # noqa: ANN001
+    return {
+        "query": str(result.query_path),
+        "categories": [{"id": c.wnid, "name": c.name, "prob": round(c.prob, 6)}
+                       for c in result.categories],
+        "searched_categories": list(result.gating.wnids),
+        "searched": result.n_searched,
+        "results": [{"path": h.path, "score": round(h.score, 6), "categories": list(h.wnids)}
+                    for h in result.hits],
+    }  # fmt: skip
+
+
+def _print_table(result) -> None:  # noqa: ANN001
+    cats = ", ".join(f"{c.name} {c.prob:.2f}" for c in result.categories)
+    print(f"query {result.query_path}  [{cats}]")
+    if result.gating.fell_back:
+        print("  none of its predicted categories is in the database; searched the closest "
+              "ones that are: " + ", ".join(result.gating.wnids[:5]))  # fmt: skip
+    print(f"  searched {result.n_searched} images in {len(result.gating.wnids)} categories")
+    print(f"  {'rank':>4}  {'score':>6}  path")
+    for rank, hit in enumerate(result.hits, start=1):
+        print(f"  {rank:>4}  {hit.score:6.3f}  {hit.path}")
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from cbir import categories
+    from cbir.store import Database
+
+    db = Database.open(args.db_dir)
+    sizes = sorted(db.category_sizes().items(), key=lambda kv: (-kv[1], kv[0]))
+    s = db.settings
+    info = {
+        "db": str(args.db_dir), "backbone": s.backbone, "weights": s.weights,
+        "feature_dim": s.feature_dim, "pooling": s.pooling, "top_k": s.top_k, "link": s.link,
+        "format_version": db.manifest.format_version, "created": db.manifest.created,
+        "updated": db.manifest.updated, "images": len(db.catalog.images),
+        "paths": len(db.catalog.paths), "disk_bytes": db.disk_bytes(),
+        "categories": [{"id": w, "name": categories.names_by_wnid()[w], "images": n}
+                       for w, n in sizes],
+    }  # fmt: skip
+    if args.json:
+        print(json.dumps(info, ensure_ascii=False))
+        return 0
+    for key in ("db", "backbone", "weights", "feature_dim", "pooling", "top_k", "link",
+                "format_version", "created", "updated", "images", "paths"):  # fmt: skip
+        print(f"{key:>14}: {info[key]}")
+    print(f"{'disk':>14}: {info['disk_bytes'] / 1e6:.1f} MB")
+    print(f"{'categories':>14}: {len(sizes)}")
+    for c in info["categories"][:20]:
+        print(f"{c['images']:>14}  {c['id']} {c['name']}")
+    if len(sizes) > 20:
+        print(f"{'':>14}  ... {len(sizes) - 20} more (--json lists all)")
+    return 0
+
+
+def _say(message: str) -> None:
+    print(f"cbir: {message}", file=sys.stderr)
+
+
+_bar = None
+
+
+def _progress_bar(total: int) -> Callable[[int], None]:
+    """A tqdm bar (count, rate, ETA) on a terminal; nothing when stderr is piped."""
+    global _bar
+    from tqdm import tqdm
+
+    _bar = tqdm(total=total, unit="img", disable=not sys.stderr.isatty(), file=sys.stderr)
+    return _bar.update
+
+
+def _clear_progress() -> None:
+    if _bar is not None:
+        _bar.clear()

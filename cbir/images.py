@@ -1,0 +1,137 @@
+"""Finding image files and decoding them into model-ready RGB arrays.
+
+Owns Pillow's configuration (HEIF support, decompression-bomb limit). Never imports TensorFlow.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import warnings
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from cbir.errors import BadImage, ImageTooLarge
+
+try:
+    import pillow_heif
+
+    pillow_heif.register_heif_opener()
+except ImportError:  # HEIC files are then reported as not an image
+    pass
+
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".jpe", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".heic", ".heif"}
+)
+DEFAULT_MAX_MEGAPIXELS = 100.0
+
+# We check the pixel count ourselves (with a message that names the option), so Pillow's own
+# limit, which only warns between 1x and 2x, is turned off.
+Image.MAX_IMAGE_PIXELS = None
+
+# Errors Pillow and its plugins raise on broken files; others are bugs and keep their traceback.
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, IndexError, TypeError)
+
+
+def is_image_name(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def find_images(paths: Iterable[Path], exclude: Path | None = None) -> Iterator[Path | BadImage]:
+    """Image files under `paths` (files or folders, walked recursively, sorted).
+
+    Hidden folders and files with unknown extensions are passed over silently; hidden image
+    files and macOS AppleDouble files (`._*`) are yielded as `BadImage` so the caller can report
+    them. `exclude` (the database itself, when it sits inside the source folder) is not walked.
+    """
+    for root in paths:
+        if root.is_file():
+            yield root
+            continue
+        if not root.is_dir():
+            yield BadImage(root, "no such file or folder")
+            continue
+        for dirpath, dirnames, filenames in os.walk(root):
+            current = Path(dirpath)
+            dirnames[:] = sorted(
+                d
+                for d in dirnames
+                if not d.startswith(".") and (exclude is None or current / d != exclude)
+            )
+            for name in sorted(filenames):
+                path = current / name
+                if not is_image_name(path):
+                    continue
+                if name.startswith("._"):
+                    yield BadImage(path, "macOS AppleDouble metadata file, not an image")
+                elif name.startswith("."):
+                    yield BadImage(path, "hidden file")
+                else:
+                    yield path
+
+
+def load_image(
+    path: Path,
+    size: int,
+    data: bytes | None = None,
+    max_megapixels: float = DEFAULT_MAX_MEGAPIXELS,
+) -> npt.NDArray[np.uint8]:
+    """Decode `path` (or its already-read bytes) into a (size, size, 3) uint8 RGB array.
+
+    EXIF orientation is applied, the first frame of animations is used, transparency is
+    flattened onto white and 16-bit images are scaled to 8 bits. The whole image is resized
+    (no crop), so near-duplicates that differ at the borders still match.
+    Raises BadImage (or ImageTooLarge) with the reason; never returns a partial image.
+    """
+    try:
+        if data is None:
+            data = path.read_bytes()
+        if not data:
+            raise BadImage(path, "empty file")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                pixels = im.width * im.height
+                if pixels > max_megapixels * 1e6:
+                    raise ImageTooLarge(path, pixels, int(max_megapixels * 1e6))
+                if im.format == "JPEG":
+                    im.draft("RGB", (size, size))  # decode at a reduced scale: much faster
+                im.load()
+                rgb = _to_rgb(ImageOps.exif_transpose(im))
+                rgb = rgb.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=3.0)
+                return np.asarray(rgb, dtype=np.uint8)
+    except UnidentifiedImageError as exc:
+        raise BadImage(path, "not an image (unrecognised file format)") from exc
+    except Image.DecompressionBombError as exc:
+        raise BadImage(path, f"decompression bomb: {exc}") from exc
+    except _DECODE_ERRORS as exc:
+        raise BadImage(path, f"cannot decode image ({type(exc).__name__}: {exc})") from exc
+
+
+def open_display_image(path: Path, max_side: int = 512) -> Image.Image:
+    """An upright RGB copy of `path`, at most `max_side` pixels on its long side, for plots."""
+    with Image.open(path) as im:
+        im.draft("RGB", (max_side, max_side))
+        rgb = _to_rgb(ImageOps.exif_transpose(im))
+    rgb.thumbnail((max_side, max_side))
+    return rgb
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """Any Pillow mode to 8-bit RGB: 16-bit and float scaled, alpha composited on white."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        values = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or values.max() > 255 else 255.0
+        im = Image.fromarray(np.clip(values * (255.0 / top), 0, 255).astype(np.uint8), "L")
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return im.convert("RGB")

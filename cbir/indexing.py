@@ -1,0 +1,255 @@
+"""create-db / add / remove / sync: walk -> hash -> decode -> describe -> store, incrementally.
+
+Unchanged files are recognised by (size, mtime) without being read; new or changed files are
+hashed, and a file whose content is already indexed only adds its path. Decoding runs on worker
+threads (Pillow releases the GIL) while the model runs on the main thread. Work is committed in
+chunks, so an interrupted run keeps what it committed and the same command completes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from cbir import categories
+from cbir.errors import BadImage
+from cbir.images import DEFAULT_MAX_MEGAPIXELS, find_images, load_image
+from cbir.model import Model, get_backbone, load_model, resolve_weights
+from cbir.store import NewImage, Settings, Writer, open_writer
+
+DEFAULT_BATCH_SIZE = 32
+COMMIT_EVERY_IMAGES = 1024
+COMMIT_EVERY_SECONDS = 60.0
+
+
+@dataclass(frozen=True)
+class IndexOptions:
+    backbone: str
+    weights: str = "imagenet"
+    top_k: int = 4
+    link: str = "copy"
+    pooling: str = "gap"
+    engine: str = "auto"
+    precision: str = "auto"
+    batch_size: int = DEFAULT_BATCH_SIZE
+    max_megapixels: float = DEFAULT_MAX_MEGAPIXELS
+    commit_every: int = COMMIT_EVERY_IMAGES
+    wait: bool = True
+
+
+@dataclass
+class IndexReport:
+    indexed: int = 0  # new images described and stored
+    unchanged: int = 0  # files already indexed, recognised by size and mtime
+    new_paths: int = 0  # files whose content was already indexed under another name
+    removed: int = 0  # images dropped (changed or deleted sources)
+    skipped: list[BadImage] = field(default_factory=list)
+    seconds_describing: float = 0.0  # wall time from the first decode to the last commit
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """A file read and hashed; `pixels` is None when its content is already known."""
+
+    path: Path
+    sha256: str
+    size: int
+    mtime_ns: int
+    pixels: npt.NDArray[np.uint8] | None
+
+
+@dataclass
+class Callbacks:
+    on_skip: Callable[[BadImage], None] = lambda bad: None
+    on_wait: Callable[[str], None] = lambda message: None
+    progress: Callable[[int], Callable[[int], None]] = lambda total: lambda n: None
+
+
+def index_paths(
+    db_dir: Path, sources: list[Path], options: IndexOptions, callbacks: Callbacks | None = None
+) -> IndexReport:
+    """Index every image under `sources` into the database at `db_dir` (created if needed)."""
+    callbacks = callbacks or Callbacks()
+    backbone = get_backbone(options.backbone)
+    spec = resolve_weights(backbone, options.weights)
+    settings = Settings(
+        backbone=backbone.name,
+        weights=spec.identity,
+        feature_dim=backbone.feature_dim,
+        top_k=options.top_k,
+        pooling=options.pooling,
+        link=options.link,
+    )
+    report = IndexReport()
+    db_abs = _absolute(db_dir)
+    with open_writer(db_dir, settings, options.wait, callbacks.on_wait) as writer:
+        todo: list[tuple[Path, os.stat_result]] = []
+        for item in find_images([_absolute(s) for s in sources], exclude=db_abs):
+            if isinstance(item, BadImage):
+                _skip(report, callbacks, item)
+                continue
+            try:
+                stat = item.stat()
+            except OSError as exc:
+                _skip(report, callbacks, BadImage(item, f"cannot read ({exc.strerror})"))
+                continue
+            if writer.lookup_path(str(item), stat.st_size, stat.st_mtime_ns) is not None:
+                report.unchanged += 1
+            else:
+                todo.append((item, stat))
+        if todo:
+            _describe_and_store(writer, todo, options, callbacks, report)
+    return report
+
+
+def _skip(report: IndexReport, callbacks: Callbacks, bad: BadImage) -> None:
+    report.skipped.append(bad)
+    callbacks.on_skip(bad)
+
+
+def _describe_and_store(
+    writer: Writer,
+    todo: list[tuple[Path, os.stat_result]],
+    options: IndexOptions,
+    callbacks: Callbacks,
+    report: IndexReport,
+) -> None:
+    start = time.perf_counter()
+    model: Model | None = None
+    size = get_backbone(options.backbone).input_size
+    advance = callbacks.progress(len(todo))
+    pending: list[NewImage] = []
+    pending_paths: list[tuple[str, str, int, int]] = []
+    seen_in_run: set[str] = set()
+    last_commit = time.perf_counter()
+    n_before = len(writer.catalog.images)
+
+    def commit() -> None:
+        nonlocal last_commit
+        writer.add_images(pending)
+        writer.add_paths(pending_paths)
+        pending.clear()
+        pending_paths.clear()
+        last_commit = time.perf_counter()
+
+    def prepare(path: Path, stat: os.stat_result) -> _Prepared:
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise BadImage(path, f"cannot read ({exc.strerror})") from exc
+        sha = hashlib.sha256(data).hexdigest()
+        if writer.has_image(sha):
+            return _Prepared(path, sha, stat.st_size, stat.st_mtime_ns, None)
+        pixels = load_image(path, size, data=data, max_megapixels=options.max_megapixels)
+        return _Prepared(path, sha, stat.st_size, stat.st_mtime_ns, pixels)
+
+    batch: list[_Prepared] = []
+    for result in _prefetch(prepare, todo, window=2 * options.batch_size + 8):
+        if isinstance(result, BadImage):
+            _skip(report, callbacks, result)
+            advance(1)
+            continue
+        if result.pixels is None or result.sha256 in seen_in_run:
+            pending_paths.append((str(result.path), result.sha256, result.size, result.mtime_ns))
+            report.new_paths += 1
+            advance(1)
+            continue
+        seen_in_run.add(result.sha256)
+        batch.append(result)
+        if len(batch) == options.batch_size:
+            model = model or _load(options)
+            pending.extend(_describe(model, batch, options.top_k, options.pooling))
+            report.indexed += len(batch)
+            advance(len(batch))
+            batch = []
+            due = time.perf_counter() - last_commit > COMMIT_EVERY_SECONDS
+            if len(pending) >= options.commit_every or due:
+                commit()
+    if batch:
+        model = model or _load(options)
+        pending.extend(_describe(model, batch, options.top_k, options.pooling))
+        report.indexed += len(batch)
+        advance(len(batch))
+    commit()
+    report.removed = n_before + report.indexed - len(writer.catalog.images)
+    report.seconds_describing = time.perf_counter() - start
+
+
+def _load(options: IndexOptions) -> Model:
+    return load_model(options.backbone, options.weights, options.engine, options.precision)
+
+
+def _describe(model: Model, batch: list[_Prepared], top_k: int, pooling: str) -> list[NewImage]:
+    pixels = np.stack([p.pixels for p in batch if p.pixels is not None])
+    described = model.describe(pixels)
+    wnids = categories.wnids()
+    top = np.argsort(-described.probs, axis=1)[:, :top_k]
+    return [
+        NewImage(
+            source_path=p.path,
+            sha256=p.sha256,
+            size=p.size,
+            mtime_ns=p.mtime_ns,
+            wnids=tuple(wnids[j] for j in top[i]),
+            probs=tuple(float(described.probs[i, j]) for j in top[i]),
+            feature=described.features[pooling][i],
+        )
+        for i, p in enumerate(batch)
+    ]
+
+
+def _prefetch(
+    prepare: Callable[[Path, os.stat_result], _Prepared],
+    todo: Iterable[tuple[Path, os.stat_result]],
+    window: int,
+) -> Iterator[_Prepared | BadImage]:
+    """Run `prepare` on worker threads, at most `window` ahead, yielding results in order."""
+    workers = max(2, os.cpu_count() or 2)
+    with ThreadPoolExecutor(workers, thread_name_prefix="cbir-decode") as pool:
+        queue: deque[Future[_Prepared]] = deque()
+        for path, stat in todo:
+            queue.append(pool.submit(prepare, path, stat))
+            if len(queue) >= window:
+                yield _result(queue.popleft())
+        while queue:
+            yield _result(queue.popleft())
+
+
+def _result(future: Future[_Prepared]) -> _Prepared | BadImage:
+    try:
+        return future.result()
+    except BadImage as bad:
+        return bad
+
+
+def remove_sources(db_dir: Path, paths: list[Path], wait: bool = True) -> int:
+    """Forget these files (or every file under these folders). Returns images removed."""
+    with open_writer(db_dir, wait=wait) as writer:
+        targets = [str(_absolute(p)) for p in paths]
+        doomed = [
+            known
+            for known in writer.catalog.paths
+            if any(known == t or known.startswith(t.rstrip("/") + "/") for t in targets)
+        ]
+        return writer.remove_paths(doomed)
+
+
+def sync(db_dir: Path, wait: bool = True) -> int:
+    """Forget source paths that no longer exist. Returns images removed."""
+    with open_writer(db_dir, wait=wait) as writer:
+        gone = [p for p in writer.catalog.paths if not os.path.exists(p)]
+        return writer.remove_paths(gone) if gone else 0
+
+
+def _absolute(path: Path) -> Path:
+    """Absolute and normalised ('a/../b' -> 'b'), without resolving symbolic links."""
+    return Path(os.path.abspath(path))

@@ -1,0 +1,359 @@
+"""Backbones and inference: one forward pass gives class probabilities and retrieval features.
+
+The only module that imports TensorFlow, Keras or OpenVINO, and only inside functions, so that
+`cbir --help`, `cbir info` and the database code never pay for those imports.
+
+Descriptor contract (rows, shape (n, d)): last conv block -> pooling (GAP as the original tool,
+or GeM) -> L2-normalisation, so a dot product of two descriptors is their cosine similarity.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from cbir import __version__
+from cbir.errors import CbirError, WeightsMissing
+
+POOLINGS = ("gap", "gem")
+GEM_P = 3.0
+ENGINES = ("auto", "tensorflow", "openvino")
+PRECISIONS = ("auto", "fp32", "bf16")
+EMBEDDED_BACKBONE = "efficientnet_lite0"
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """Everything that must travel together for one backbone."""
+
+    name: str
+    input_size: int  # square input, pixels
+    feature_dim: int  # channels of the last conv block = descriptor length
+    preprocessing: str  # "tf": x/127.5-1, "caffe": BGR minus mean, "none": the model scales itself
+    keras_constructor: str | None  # attribute of keras.applications; None: built by cbir
+    weights_file: str  # ImageNet weights: Keras' cache file name, or the file shipped in cbir/data
+
+
+BACKBONES: dict[str, Backbone] = {
+    b.name: b
+    for b in (
+        Backbone("inception_resnet_v2", 299, 1536, "tf", "InceptionResNetV2",
+                 "inception_resnet_v2_weights_tf_dim_ordering_tf_kernels.h5"),
+        Backbone("efficientnet_lite0", 224, 1280, "none", None,
+                 "efficientnet_lite0_imagenet.weights.h5"),
+        Backbone("resnet50", 224, 2048, "caffe", "ResNet50",
+                 "resnet50_weights_tf_dim_ordering_tf_kernels.h5"),
+        Backbone("xception", 299, 2048, "tf", "Xception",
+                 "xception_weights_tf_dim_ordering_tf_kernels.h5"),
+        Backbone("efficientnet_b0", 224, 1280, "none", "EfficientNetB0", "efficientnetb0.h5"),
+    )
+}  # fmt: skip
+DEFAULT_BACKBONE = "inception_resnet_v2"
+
+
+def get_backbone(name: str) -> Backbone:
+    try:
+        return BACKBONES[name]
+    except KeyError:
+        raise CbirError(f"unknown model {name!r}; choose one of: {', '.join(BACKBONES)}") from None
+
+
+@dataclass(frozen=True)
+class WeightsSpec:
+    """Which weights to load: a file (or None for random init) and the identity the DB records."""
+
+    path: Path | None
+    identity: str  # "imagenet", "none" or "sha256:<hex>" of a user's file
+    download: bool = False  # let Keras download ImageNet weights into its cache
+
+
+def keras_cache_dir() -> Path:
+    return Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "models"
+
+
+def resolve_weights(backbone: Backbone, weights: str) -> WeightsSpec:
+    """Turn `--weights imagenet|none|FILE` into a WeightsSpec, without importing TensorFlow."""
+    if weights == "none":
+        return WeightsSpec(None, "none")
+    if weights == "imagenet":
+        if backbone.keras_constructor is None:
+            shipped = resources.files("cbir").joinpath("data", backbone.weights_file)
+            return WeightsSpec(Path(str(shipped)), "imagenet")
+        cached = keras_cache_dir() / backbone.weights_file
+        if cached.is_file():
+            return WeightsSpec(cached, "imagenet")
+        if os.environ.get("CBIR_OFFLINE"):
+            raise WeightsMissing(_missing_weights_message(backbone, "CBIR_OFFLINE is set"))
+        return WeightsSpec(None, "imagenet", download=True)
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise WeightsMissing(f"weights file {path} does not exist")
+    return WeightsSpec(path.resolve(), "sha256:" + file_sha256(path)[:16])
+
+
+def _missing_weights_message(backbone: Backbone, why: str) -> str:
+    return (
+        f"ImageNet weights for {backbone.name} are not on this machine and could not be "
+        f"downloaded ({why}). Keras wanted the file {backbone.weights_file} in "
+        f"{keras_cache_dir()}: copy it there from a machine with network access, or pass "
+        f"--weights FILE, or use --model {EMBEDDED_BACKBONE}, whose weights ship with cbir"
+    )
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Descriptions:
+    """Model output for a batch of n images."""
+
+    probs: npt.NDArray[np.float32]  # (n, 1000) softmax over ImageNet classes, output order
+    features: dict[str, npt.NDArray[np.float32]]  # pooling -> (n, d), rows unit-norm
+
+
+@dataclass
+class Timings:
+    """Seconds spent loading the model, for `cbir query --timings` and the benchmark."""
+
+    import_s: float = 0.0
+    build_s: float = 0.0
+    weights_s: float = 0.0
+    compile_s: float = 0.0
+
+
+@dataclass
+class Model:
+    """A loaded backbone on one inference engine; `describe` runs one batch."""
+
+    backbone: Backbone
+    weights: WeightsSpec
+    engine: str
+    precision: str
+    timings: Timings = field(default_factory=Timings)
+    _run: Any = None  # callable: uint8 (n, s, s, 3) -> [probs, gap, gem] arrays
+
+    def describe(self, images: npt.NDArray[np.uint8]) -> Descriptions:
+        """images: (n, s, s, 3) uint8 RGB, s = backbone.input_size."""
+        if len(images) == 0:
+            d = self.backbone.feature_dim
+            empty = np.zeros((0, d), np.float32)
+            return Descriptions(np.zeros((0, 1000), np.float32), {p: empty for p in POOLINGS})
+        probs, gap, gem = self._run(np.ascontiguousarray(images, dtype=np.uint8))
+        return Descriptions(
+            np.asarray(probs, np.float32),
+            {"gap": np.asarray(gap, np.float32), "gem": np.asarray(gem, np.float32)},
+        )
+
+
+@lru_cache(maxsize=4)
+def load_model(
+    backbone_name: str, weights: str = "imagenet", engine: str = "auto", precision: str = "auto"
+) -> Model:
+    """Load once per process (memoised): in-process CLI calls and tests reuse the model."""
+    backbone = get_backbone(backbone_name)
+    spec = resolve_weights(backbone, weights)
+    if engine not in ENGINES:
+        raise CbirError(f"unknown engine {engine!r}; choose one of: {', '.join(ENGINES)}")
+    if precision not in PRECISIONS:
+        raise CbirError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
+    if engine == "auto":
+        engine = (
+            "openvino" if _openvino_available() and not _tensorflow_sees_gpu() else "tensorflow"
+        )
+    if engine == "openvino":
+        return _load_openvino(backbone, spec, precision)
+    return _load_tensorflow(backbone, spec, precision)
+
+
+def _openvino_available() -> bool:
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _tensorflow_sees_gpu() -> bool:
+    """A CUDA GPU is visible: TensorFlow will use it (checked without importing TensorFlow)."""
+    return os.environ.get("CUDA_VISIBLE_DEVICES", "x") != "" and Path("/dev/nvidia0").exists()
+
+
+def _import_keras() -> Any:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    import absl.logging
+
+    absl.logging.set_verbosity(absl.logging.ERROR)
+    import keras
+
+    return keras
+
+
+def build_keras_model(backbone: Backbone, spec: WeightsSpec, timings: Timings) -> Any:
+    """One Keras model: uint8 images in; [probs, GAP features, GeM features] out.
+
+    Preprocessing is part of the graph, so every engine is fed the same uint8 batch.
+    """
+    t0 = time.perf_counter()
+    keras = _import_keras()
+    from keras import ops
+
+    timings.import_s += time.perf_counter() - t0
+    t0 = time.perf_counter()
+    size = backbone.input_size
+    inputs = keras.Input((size, size, 3), dtype="uint8", name="images")
+    x = ops.cast(inputs, "float32")
+    if backbone.preprocessing == "tf":
+        x = x / 127.5 - 1.0
+    elif backbone.preprocessing == "caffe":
+        x = x[..., ::-1] - np.array([103.939, 116.779, 123.68], np.float32)
+    if backbone.keras_constructor is None:
+        from cbir.efficientnet_lite import EfficientNetLite
+
+        base = EfficientNetLite("lite0", input_tensor=x)
+    else:
+        constructor = getattr(keras.applications, backbone.keras_constructor)
+        base = constructor(weights=None, input_tensor=x)
+    timings.build_s += time.perf_counter() - t0
+    t0 = time.perf_counter()
+    _load_weights(keras, base, backbone, spec)
+    timings.weights_s += time.perf_counter() - t0
+    conv = base.get_layer("avg_pool").input  # (n, h, w, d) last conv block
+    probs = base.get_layer("predictions").output
+    gap = ops.mean(conv, axis=(1, 2))
+    gem = ops.power(ops.mean(ops.power(ops.maximum(conv, 1e-6), GEM_P), axis=(1, 2)), 1 / GEM_P)
+    outputs = [probs, _l2_normalise(ops, gap), _l2_normalise(ops, gem)]
+    return keras.Model(inputs, outputs, name=f"cbir_{backbone.name}")
+
+
+def _l2_normalise(ops: Any, x: Any) -> Any:
+    return x / ops.maximum(ops.sqrt(ops.sum(x * x, axis=-1, keepdims=True)), 1e-12)
+
+
+def _load_weights(keras: Any, base: Any, backbone: Backbone, spec: WeightsSpec) -> None:
+    path = spec.path
+    if spec.download:
+        origin = _keras_weights_origin(keras, backbone)
+        try:
+            path = Path(keras.utils.get_file(backbone.weights_file, origin, cache_subdir="models"))
+        except Exception as exc:  # noqa: BLE001 - any download failure means "no weights here"
+            raise WeightsMissing(
+                _missing_weights_message(backbone, f"{type(exc).__name__}: {exc}")
+            ) from exc
+    if path is None:
+        return
+    try:
+        base.load_weights(str(path))
+    except (ValueError, OSError, KeyError) as exc:
+        raise WeightsMissing(
+            f"cannot load weights {path} into {backbone.name}: {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def _keras_weights_origin(keras: Any, backbone: Backbone) -> str:
+    """The address Keras itself downloads this backbone's ImageNet weights from."""
+    import importlib
+
+    module_by_constructor = {
+        "InceptionResNetV2": ("inception_resnet_v2", "BASE_WEIGHT_URL"),
+        "ResNet50": ("resnet", "BASE_WEIGHTS_PATH"),
+        "Xception": ("xception", "TF_WEIGHTS_PATH"),
+        "EfficientNetB0": ("efficientnet", "BASE_WEIGHTS_PATH"),
+    }
+    module_name, attr = module_by_constructor[backbone.keras_constructor or ""]
+    base = getattr(importlib.import_module(f"keras.src.applications.{module_name}"), attr)
+    return base if base.endswith(".h5") else base + backbone.weights_file
+
+
+def _load_tensorflow(backbone: Backbone, spec: WeightsSpec, precision: str) -> Model:
+    if precision == "bf16":
+        raise CbirError("--precision bf16 needs --engine openvino")
+    timings = Timings()
+    keras_model = build_keras_model(backbone, spec, timings)
+    import tensorflow as tf
+
+    size = backbone.input_size
+    signature = [tf.TensorSpec([None, size, size, 3], tf.uint8)]
+    run_graph = tf.function(lambda x: keras_model(x, training=False), input_signature=signature)
+
+    def run(images: npt.NDArray[np.uint8]) -> list[npt.NDArray[np.float32]]:
+        return [t.numpy() for t in run_graph(images)]
+
+    return Model(backbone, spec, "tensorflow", "fp32", timings, run)
+
+
+def cache_dir() -> Path:
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cbir"
+    return Path(os.environ.get("CBIR_CACHE_DIR", default))
+
+
+def _load_openvino(backbone: Backbone, spec: WeightsSpec, precision: str) -> Model:
+    """Convert the Keras model to OpenVINO once, cache the IR, compile for this CPU."""
+    timings = Timings()
+    t0 = time.perf_counter()
+    import openvino as ov
+
+    core = ov.Core()
+    timings.import_s += time.perf_counter() - t0
+    supports_bf16 = "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    if precision == "auto":
+        precision = "bf16" if supports_bf16 else "fp32"
+    elif precision == "bf16" and not supports_bf16:
+        raise CbirError("this CPU has no bf16 support; use --precision fp32")
+    ir_path = cache_dir() / "openvino" / f"{_ir_key(backbone, spec, ov.__version__)}.xml"
+    if not ir_path.is_file():
+        keras_model = build_keras_model(backbone, spec, timings)
+        t0 = time.perf_counter()
+        import tensorflow as tf
+
+        size = backbone.input_size
+        signature = [tf.TensorSpec([None, size, size, 3], tf.uint8)]
+        graph = tf.function(lambda x: keras_model(x, training=False), input_signature=signature)
+        ov_model = ov.convert_model(graph.get_concrete_function())
+        ir_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp_path = ir_path.with_name(f".{ir_path.stem}.{os.getpid()}.xml")
+        ov.save_model(ov_model, tmp_path, compress_to_fp16=False)
+        os.replace(tmp_path.with_suffix(".bin"), ir_path.with_suffix(".bin"))
+        os.replace(tmp_path, ir_path)  # the .xml last: its presence means the pair is complete
+        timings.compile_s += time.perf_counter() - t0
+    t0 = time.perf_counter()
+    config = {
+        "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
+        "PERFORMANCE_HINT": "LATENCY",
+        "CACHE_DIR": str(cache_dir() / "openvino" / "compiled"),
+    }
+    compiled = core.compile_model(str(ir_path), "CPU", config)
+    timings.compile_s += time.perf_counter() - t0
+    request = compiled.create_infer_request()
+    outputs = compiled.outputs
+
+    def run(images: npt.NDArray[np.uint8]) -> list[npt.NDArray[np.float32]]:
+        result = request.infer({0: images})
+        return [np.array(result[out]) for out in outputs]
+
+    return Model(backbone, spec, "openvino", precision, timings, run)
+
+
+def _ir_key(backbone: Backbone, spec: WeightsSpec, ov_version: str) -> str:
+    """Cache key of a converted model: changes whenever the model or its weights could."""
+    if spec.path is not None:
+        stat = spec.path.stat()
+        weights_id = f"{spec.path}:{stat.st_size}:{stat.st_mtime_ns}"
+    else:
+        weights_id = spec.identity
+    text = f"{backbone}|{weights_id}|{GEM_P}|cbir {__version__}|openvino {ov_version}"
+    return f"{backbone.name}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"

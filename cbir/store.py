@@ -1,0 +1,599 @@
+"""The database on disk; the only module that writes it.
+
+Layout (rows are images, arrays are plain numpy types: every file loads with allow_pickle=False):
+
+    DB_DIR/cbir-db.json                 manifest: format version, model, settings, counts
+    DB_DIR/catalog.npz                  every indexed image and every source path known for it
+    DB_DIR/<wnid>_<name>/features.npz   ids (r,) int64, paths (r,) str, files (r,) str,
+                                        features (r, d) float32 unit-norm rows
+    DB_DIR/<wnid>_<name>/<stem>-<hash><ext>   the stored copies (or links) of the images
+    DB_DIR/.lock, DB_DIR/.writing       writer lock; marker of a write in progress
+
+An image's id is the first 8 bytes of the SHA-256 of its file, so the same photo under two names
+is stored and computed once. The catalog is the commit point: an image is indexed exactly when
+the catalog lists it. Writes go in this order, each file to a temporary name in its folder,
+fsynced, then renamed over the old one:
+  add:    copy images into category folders -> sync -> category features.npz -> catalog -> manifest
+  remove: catalog -> category features.npz -> delete stored copies -> manifest
+Readers keep only category rows whose id the catalog lists, so a crash at any point leaves a
+database that answers queries; the next writer sees the `.writing` marker and repairs it
+(drops uncommitted rows and orphan copies) before it goes on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import io
+import json
+import os
+import shutil
+import zipfile
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from cbir import categories
+from cbir.errors import CbirError, DatabaseError, DatabaseLocked
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "cbir-db.json"
+CATALOG_NAME = "catalog.npz"
+FEATURES_NAME = "features.npz"
+LOCK_NAME = ".lock"
+WRITING_NAME = ".writing"
+LINK_MODES = ("copy", "hardlink", "symlink")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How a database was built; queries must use the same backbone and weights."""
+
+    backbone: str
+    weights: str  # "imagenet", "none" or "sha256:<hex>"
+    feature_dim: int
+    top_k: int = 4
+    pooling: str = "gap"
+    link: str = "copy"
+    engine: str = ""
+    precision: str = ""
+
+
+@dataclass
+class Manifest:
+    settings: Settings
+    created: str
+    updated: str
+    n_images: int = 0
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        data = {"format": "cbir-db", "format_version": self.format_version}
+        data.update(self.settings.__dict__)
+        data.update(created=self.created, updated=self.updated, n_images=self.n_images)
+        return json.dumps(data, indent=2) + "\n"
+
+
+@dataclass(frozen=True)
+class NewImage:
+    """One described image, ready to be stored."""
+
+    source_path: Path
+    sha256: str  # hex digest of the file's bytes
+    size: int
+    mtime_ns: int
+    wnids: tuple[str, ...]  # top-k categories, most probable first
+    probs: tuple[float, ...]  # their probabilities
+    feature: npt.NDArray[np.float32]  # (d,) unit-norm
+
+    @property
+    def image_id(self) -> int:
+        return image_id_of(self.sha256)
+
+
+def image_id_of(sha256_hex: str) -> int:
+    return int.from_bytes(bytes.fromhex(sha256_hex[:16]), "big", signed=True)
+
+
+@dataclass
+class ImageRecord:
+    sha256: str
+    stored_name: str
+    wnids: tuple[str, ...]
+    probs: tuple[float, ...]
+
+
+@dataclass
+class PathRecord:
+    image_id: int
+    size: int
+    mtime_ns: int
+
+
+@dataclass
+class Catalog:
+    """Every committed image (by id) and every source path that points at one."""
+
+    images: dict[int, ImageRecord] = field(default_factory=dict)
+    paths: dict[str, PathRecord] = field(default_factory=dict)
+
+    def paths_of(self) -> dict[int, list[str]]:
+        by_id: dict[int, list[str]] = {}
+        for path, rec in sorted(self.paths.items()):
+            by_id.setdefault(rec.image_id, []).append(path)
+        return by_id
+
+
+@dataclass(frozen=True)
+class CategoryRows:
+    """The rows of one category file. ids (r,) int64; paths, files (r,) str; features (r, d)."""
+
+    ids: npt.NDArray[np.int64]
+    paths: npt.NDArray[np.str_]
+    files: npt.NDArray[np.str_]
+    features: npt.NDArray[np.float32]
+
+    @classmethod
+    def empty(cls, dim: int) -> CategoryRows:
+        return cls(
+            np.zeros(0, np.int64),
+            np.zeros(0, "U1"),
+            np.zeros(0, "U1"),
+            np.zeros((0, dim), np.float32),
+        )
+
+    def select(self, mask: npt.NDArray[np.bool_]) -> CategoryRows:
+        return CategoryRows(self.ids[mask], self.paths[mask], self.files[mask], self.features[mask])
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _load_npz(path: Path, names: Iterable[str]) -> dict[str, np.ndarray]:
+    """Plain arrays from a .npz, with a clear error naming the file when it is damaged."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {name: npz[name] for name in names}
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        raise DatabaseError(
+            f"{path} is damaged ({type(exc).__name__}: {exc}); run 'cbir check --repair'"
+        ) from exc
+
+
+def _write_atomic(path: Path, write: Callable[[io.BufferedWriter], None]) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over `path`."""
+    tmp_path = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    try:
+        with open(tmp_path, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp_path.unlink()
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _save_npz(path: Path, **arrays: np.ndarray) -> None:
+    _write_atomic(path, lambda f: np.savez_compressed(f, **arrays))
+
+
+class Database:
+    """Read access to a database: manifest, catalog and category files."""
+
+    def __init__(self, db_dir: Path, manifest: Manifest) -> None:
+        self.db_dir = db_dir
+        self.manifest = manifest
+        self._catalog: Catalog | None = None
+
+    @property
+    def settings(self) -> Settings:
+        return self.manifest.settings
+
+    @classmethod
+    def open(cls, db_dir: Path) -> Database:
+        return cls(db_dir, read_manifest(db_dir))
+
+    @property
+    def catalog(self) -> Catalog:
+        if self._catalog is None:
+            self._catalog = read_catalog(self.db_dir)
+        return self._catalog
+
+    def category_dir(self, wnid: str) -> Path:
+        return self.db_dir / categories.folder_name(wnid)
+
+    def category_sizes(self) -> dict[str, int]:
+        """wnid -> number of committed images in it, from the catalog (no category file read)."""
+        sizes: dict[str, int] = {}
+        for rec in self.catalog.images.values():
+            for wnid in rec.wnids:
+                sizes[wnid] = sizes.get(wnid, 0) + 1
+        return sizes
+
+    def read_category(self, wnid: str) -> CategoryRows:
+        """Committed rows of one category (rows the catalog does not list are left out)."""
+        rows = read_category_file(
+            self.category_dir(wnid) / FEATURES_NAME, self.settings.feature_dim
+        )
+        committed = np.fromiter(self.catalog.images, np.int64, len(self.catalog.images))
+        return rows.select(np.isin(rows.ids, committed))
+
+    def read_categories(self, wnids: Iterable[str]) -> CategoryRows:
+        """Committed rows of several categories, each image once (an image is in up to k)."""
+        parts = [self.read_category(w) for w in wnids]
+        parts = [p for p in parts if len(p)]
+        if not parts:
+            return CategoryRows.empty(self.settings.feature_dim)
+        merged = CategoryRows(
+            np.concatenate([p.ids for p in parts]),
+            np.concatenate([p.paths for p in parts]),
+            np.concatenate([p.files for p in parts]),
+            np.concatenate([p.features for p in parts]),
+        )
+        _, first = np.unique(merged.ids, return_index=True)
+        keep = np.zeros(len(merged), bool)
+        keep[first] = True
+        return merged.select(keep)
+
+    def disk_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.db_dir.rglob("*") if p.is_file())
+
+
+def read_manifest(db_dir: Path) -> Manifest:
+    path = db_dir / MANIFEST_NAME
+    if not db_dir.is_dir():
+        raise DatabaseError(f"no database at {db_dir} (create one with 'cbir create-db')")
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DatabaseError(
+            f"{db_dir} is not a cbir database ({MANIFEST_NAME} is missing)"
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise DatabaseError(f"{path} is damaged ({exc})") from exc
+    if not isinstance(data, dict) or data.get("format") != "cbir-db":
+        raise DatabaseError(f"{path} is not a cbir database manifest")
+    version = data.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise DatabaseError(
+            f"{path} has format version {version}, newer than this cbir understands "
+            f"({FORMAT_VERSION}); upgrade cbir"
+        )
+    try:
+        settings = Settings(**{k: data[k] for k in Settings.__dataclass_fields__})
+        return Manifest(settings, data["created"], data["updated"], data["n_images"], version)
+    except (KeyError, TypeError) as exc:
+        raise DatabaseError(f"{path} is damaged (missing field {exc})") from exc
+
+
+def read_catalog(db_dir: Path) -> Catalog:
+    path = db_dir / CATALOG_NAME
+    if not path.exists():
+        return Catalog()
+    names = ("ids", "sha256", "stored_names", "wnids", "probs",
+             "path_strings", "path_ids", "path_sizes", "path_mtimes")  # fmt: skip
+    a = _load_npz(path, names)
+    images = {
+        int(i): ImageRecord(str(h), str(s), tuple(str(w) for w in ws), tuple(float(p) for p in ps))
+        for i, h, s, ws, ps in zip(
+            a["ids"], a["sha256"], a["stored_names"], a["wnids"], a["probs"], strict=True
+        )
+    }
+    paths = {
+        str(p): PathRecord(int(i), int(s), int(m))
+        for p, i, s, m in zip(
+            a["path_strings"], a["path_ids"], a["path_sizes"], a["path_mtimes"], strict=True
+        )
+    }
+    return Catalog(images, paths)
+
+
+def read_category_file(path: Path, dim: int) -> CategoryRows:
+    try:
+        a = _load_npz(path, ("ids", "paths", "files", "features"))
+    except FileNotFoundError:
+        return CategoryRows.empty(dim)
+    rows = CategoryRows(a["ids"], a["paths"], a["files"], a["features"])
+    if (
+        rows.features.ndim != 2
+        or rows.features.shape[1] != dim
+        or len(rows.ids) != len(rows.features)
+    ):
+        raise DatabaseError(
+            f"{path} holds features of shape {rows.features.shape}, expected (n, {dim}); "
+            "run 'cbir check --repair'"
+        )
+    return rows
+
+
+def _write_catalog(db_dir: Path, catalog: Catalog, top_k: int) -> None:
+    ids = sorted(catalog.images)
+    recs = [catalog.images[i] for i in ids]
+    paths = sorted(catalog.paths)
+    _save_npz(
+        db_dir / CATALOG_NAME,
+        ids=np.array(ids, np.int64),
+        sha256=np.array([r.sha256 for r in recs], "U64"),
+        stored_names=np.array([r.stored_name for r in recs], np.str_),
+        wnids=np.array([_pad(r.wnids, top_k, "") for r in recs], "U9").reshape(len(recs), top_k),
+        probs=np.array([_pad(r.probs, top_k, 0.0) for r in recs], np.float32).reshape(
+            len(recs), top_k
+        ),
+        path_strings=np.array(paths, np.str_),
+        path_ids=np.array([catalog.paths[p].image_id for p in paths], np.int64),
+        path_sizes=np.array([catalog.paths[p].size for p in paths], np.int64),
+        path_mtimes=np.array([catalog.paths[p].mtime_ns for p in paths], np.int64),
+    )
+
+
+def _pad(values: tuple, k: int, filler: object) -> list:
+    return list(values[:k]) + [filler] * (k - len(values))
+
+
+def _write_category(path: Path, rows: CategoryRows) -> None:
+    _save_npz(
+        path,
+        ids=rows.ids.astype(np.int64),
+        paths=rows.paths.astype(np.str_),
+        files=rows.files.astype(np.str_),
+        features=np.ascontiguousarray(rows.features, np.float32),
+    )
+
+
+def stored_name(source_path: Path, sha256: str) -> str:
+    """A readable file name that never collides: two different IMG_0001.jpg get two names."""
+    stem = source_path.stem[:80]
+    return f"{stem}-{sha256[:10]}{source_path.suffix.lower()}"
+
+
+class Writer(Database):
+    """Exclusive write access; use `open_writer` as a context manager."""
+
+    def __init__(self, db_dir: Path, manifest: Manifest) -> None:
+        super().__init__(db_dir, manifest)
+        self._pending_removals: set[str] = set()  # categories that may hold removed images
+
+    # -- adding -----------------------------------------------------------------------------
+
+    def lookup_path(self, path: str, size: int, mtime_ns: int) -> int | None:
+        """The image id of an unchanged, already indexed file, else None."""
+        rec = self.catalog.paths.get(path)
+        if rec is not None and rec.size == size and rec.mtime_ns == mtime_ns:
+            return rec.image_id
+        return None
+
+    def has_image(self, sha256: str) -> bool:
+        return image_id_of(sha256) in self.catalog.images
+
+    def add_paths(self, entries: Iterable[tuple[str, str, int, int]]) -> None:
+        """Remember more source paths (path, sha256, size, mtime_ns) of images already indexed."""
+        changed = False
+        for path, sha, size, mtime in entries:
+            self._forget_path(path)
+            self.catalog.paths[path] = PathRecord(image_id_of(sha), size, mtime)
+            changed = True
+        if changed:
+            self._commit_catalog()
+
+    def add_images(self, new: list[NewImage]) -> None:
+        """Store a chunk of new images and commit it (see the module docstring for the order)."""
+        new = [img for img in new if not self.has_image(img.sha256)]
+        if not new:
+            return
+        dim = self.settings.feature_dim
+        by_wnid: dict[str, list[NewImage]] = {}
+        for img in new:
+            name = stored_name(img.source_path, img.sha256)
+            for wnid in img.wnids:
+                by_wnid.setdefault(wnid, []).append(img)
+                self._place(img.source_path, self.category_dir(wnid) / name)
+        if hasattr(os, "sync"):
+            os.sync()  # stored copies reach the disk before the files that point at them
+        for wnid, imgs in sorted(by_wnid.items()):
+            path = self.category_dir(wnid) / FEATURES_NAME
+            old = self.read_category(wnid)
+            added = CategoryRows(
+                np.array([i.image_id for i in imgs], np.int64),
+                np.array([str(i.source_path) for i in imgs], np.str_),
+                np.array([stored_name(i.source_path, i.sha256) for i in imgs], np.str_),
+                np.stack([i.feature for i in imgs]).astype(np.float32).reshape(len(imgs), dim),
+            )
+            _write_category(path, _concat(old, added))
+        for img in new:
+            name = stored_name(img.source_path, img.sha256)
+            self.catalog.images[img.image_id] = ImageRecord(img.sha256, name, img.wnids, img.probs)
+            self._forget_path(str(img.source_path))
+            self.catalog.paths[str(img.source_path)] = PathRecord(
+                img.image_id, img.size, img.mtime_ns
+            )
+        self._commit_catalog()
+
+    def _place(self, source: Path, target: Path) -> None:
+        """Copy or link `source` to `target` (atomically; an existing target is kept)."""
+        if target.exists() or target.is_symlink():
+            return
+        target.parent.mkdir(exist_ok=True)
+        tmp = target.with_name(f".tmp-{os.getpid()}-{target.name}")
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        link = self.settings.link
+        try:
+            if link == "hardlink":
+                os.link(source, tmp)
+            elif link == "symlink":
+                os.symlink(source.resolve(), tmp)
+            else:
+                shutil.copyfile(source, tmp)
+        except OSError as exc:
+            if link == "hardlink" and exc.errno == errno.EXDEV:
+                raise CbirError(
+                    f"cannot hard-link {source} into {self.db_dir}: different file systems; "
+                    "use --link copy or --link symlink"
+                ) from exc
+            raise
+        os.replace(tmp, target)
+
+    # -- removing ---------------------------------------------------------------------------
+
+    def remove_paths(self, paths: Iterable[str]) -> int:
+        """Forget source paths; images left with no path are removed. Returns images removed."""
+        before = set(self.catalog.images)
+        for path in paths:
+            self._forget_path(path)
+        self._commit_catalog()
+        return len(before - set(self.catalog.images))
+
+    def _forget_path(self, path: str) -> None:
+        rec = self.catalog.paths.pop(path, None)
+        if rec is None:
+            return
+        if not any(p.image_id == rec.image_id for p in self.catalog.paths.values()):
+            image = self.catalog.images.pop(rec.image_id, None)
+            if image is not None:
+                self._pending_removals.update(image.wnids)
+
+    # -- committing -------------------------------------------------------------------------
+
+    def _commit_catalog(self) -> None:
+        """Write the catalog (the commit point), then tidy what removals left behind."""
+        _write_catalog(self.db_dir, self.catalog, self.settings.top_k)
+        if self._pending_removals:
+            self._drop_uncommitted_rows(sorted(self._pending_removals))
+            self._pending_removals.clear()
+        self.manifest.n_images = len(self.catalog.images)
+        self.manifest.updated = now_iso()
+        _write_atomic(
+            self.db_dir / MANIFEST_NAME, lambda f: f.write(self.manifest.to_json().encode())
+        )
+
+    def _drop_uncommitted_rows(self, wnids: list[str] | None = None) -> None:
+        """Remove category rows and stored copies of images the catalog does not list.
+
+        Only the categories in `wnids` are visited, or every category folder when None.
+        """
+        committed = np.fromiter(self.catalog.images, np.int64, len(self.catalog.images))
+        if wnids is None:
+            folders = list(self._category_folders())
+        else:
+            folders = [d for d in map(self.category_dir, wnids) if d.is_dir()]
+        for folder in folders:
+            path = folder / FEATURES_NAME
+            rows = read_category_file(path, self.settings.feature_dim)
+            keep = np.isin(rows.ids, committed)
+            if not keep.all():
+                if keep.any():
+                    _write_category(path, rows.select(keep))
+                else:
+                    path.unlink()
+            wanted = set(rows.files[keep].tolist()) | {FEATURES_NAME}
+            for entry in folder.iterdir():
+                if entry.name not in wanted:
+                    entry.unlink()
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # empty category folders go
+
+    def _category_folders(self) -> Iterator[Path]:
+        for entry in sorted(self.db_dir.iterdir()):
+            if entry.is_dir() and entry.name[:1] == "n" and "_" in entry.name:
+                yield entry
+
+    def repair(self) -> None:
+        """Bring the files back in line with the catalog after an interrupted write."""
+        for folder in self._category_folders():
+            for tmp in folder.glob(".tmp-*"):
+                tmp.unlink()
+        for tmp in self.db_dir.glob(".tmp-*"):
+            tmp.unlink()
+        self._drop_uncommitted_rows()
+
+
+def _concat(a: CategoryRows, b: CategoryRows) -> CategoryRows:
+    return CategoryRows(
+        np.concatenate([a.ids, b.ids]),
+        np.concatenate([a.paths.astype(np.str_), b.paths]),
+        np.concatenate([a.files.astype(np.str_), b.files]),
+        np.concatenate([a.features, b.features]),
+    )
+
+
+@contextlib.contextmanager
+def open_writer(
+    db_dir: Path,
+    settings: Settings | None = None,
+    wait: bool = True,
+    on_wait: Callable[[str], None] | None = None,
+) -> Iterator[Writer]:
+    """Lock the database for writing, creating it from `settings` if it does not exist yet.
+
+    With `settings` given and a database already there, its backbone and weights must match.
+    A second writer waits (calling `on_wait` once with a message) or, with wait=False, fails.
+    """
+    exists = (db_dir / MANIFEST_NAME).exists()
+    if not exists:
+        if settings is None:
+            read_manifest(db_dir)  # raises the right "no database" error
+        db_dir.mkdir(parents=True, exist_ok=True)
+    with _locked(db_dir, wait, on_wait):
+        if (db_dir / MANIFEST_NAME).exists() or settings is None:
+            manifest = read_manifest(db_dir)
+            if settings is not None:
+                check_compatible(db_dir, manifest.settings, settings.backbone, settings.weights)
+        elif settings is not None:
+            manifest = Manifest(settings, now_iso(), now_iso())
+            _write_atomic(db_dir / MANIFEST_NAME, lambda f: f.write(manifest.to_json().encode()))
+        writer = Writer(db_dir, manifest)
+        marker = db_dir / WRITING_NAME
+        if marker.exists():
+            writer.repair()
+        marker.touch()
+        yield writer
+        marker.unlink()
+
+
+@contextlib.contextmanager
+def _locked(db_dir: Path, wait: bool, on_wait: Callable[[str], None] | None) -> Iterator[None]:
+    with open(db_dir / LOCK_NAME, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            message = f"another cbir process is writing to {db_dir}"
+            if not wait:
+                raise DatabaseLocked(f"{message} (not waiting: --no-wait)") from None
+            if on_wait is not None:
+                on_wait(f"{message}; waiting for it to finish")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def check_compatible(db_dir: Path, settings: Settings, backbone: str, weights: str) -> None:
+    """Refuse to mix features of two models in one database or query."""
+    if (settings.backbone, settings.weights) != (backbone, weights):
+        raise DatabaseError(
+            f"{db_dir} was built with --model {settings.backbone} --weights {settings.weights}, "
+            f"not --model {backbone} --weights {weights}: features of different models cannot "
+            f"be compared (use --model {settings.backbone}, or build a new database)"
+        )

@@ -1,0 +1,26 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="cbir",
+    version="0.1.0",
+    description="Content-based image retrieval over a category-partitioned database",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["cbir", "cbir.*"]),
+    package_data={"cbir": ["data/*.json", "data/*.h5"]},
+    install_requires=[
+        "numpy>=1.24",
+        "scipy>=1.10",
+        "pillow>=10.0",
+        "pillow-heif>=0.16",
+        "matplotlib>=3.7",
+        "tqdm>=4.60",
+        "keras>=3.0",
+        "tensorflow>=2.16",
+        "openvino>=2024.0",
+    ],
+    extras_require={"test": ["pytest>=7"], "dev": ["pytest>=7", "ruff"]},
+    entry_points={"console_scripts": ["cbir = cbir.cli:main"]},
+    scripts=["bin/cbir"],
+)
