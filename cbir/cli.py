@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from cbir.images import DEFAULT_MAX_MEGAPIXELS
-    from cbir.indexing import DEFAULT_BATCH_SIZE
+    from cbir.indexing import COMMIT_EVERY_IMAGES, DEFAULT_BATCH_SIZE
     from cbir.model import BACKBONES, DEFAULT_BACKBONE, ENGINES, POOLINGS, PRECISIONS
     from cbir.search import DEFAULT_MIN_CANDIDATES
     from cbir.store import LINK_MODES
@@ -107,6 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
             help="larger images are skipped as possible decompression bombs",
         )
         p.add_argument("--strict", action="store_true", help="exit non-zero if any file is skipped")
+        p.add_argument(
+            "--commit-every",
+            type=int,
+            default=COMMIT_EVERY_IMAGES,
+            metavar="N",
+            help="commit to disk every N new images (and at least once a minute)",
+        )
         engine_options(p)
         writer_options(p)
 
@@ -158,6 +165,59 @@ def build_parser() -> argparse.ArgumentParser:
     engine_options(p)
     p.set_defaults(handler=cmd_query)
 
+    p = commands.add_parser(
+        "evaluate",
+        help="measure retrieval quality on labelled images (mAP, P@k, gating recall)",
+        description="Query every labelled image against the rest (leave-one-out), gated and "
+        "exhaustively, and report mAP, precision@1/5/10, recall@10 and what gating costs.",
+    )
+    p.add_argument("labelled_dir", type=Path, nargs="?", help="one sub-folder of images per class")
+    p.add_argument(
+        "--groups",
+        type=Path,
+        metavar="FILE",
+        help="CSV of path,group rows instead of class folders (an empty group: a distractor)",
+    )
+    p.add_argument(
+        "--db", type=Path, help="evaluate this database (default: build a temporary one)"
+    )
+    p.add_argument(
+        "--model",
+        choices=list(BACKBONES),
+        help=f"backbone (default: the database's with --db, else {DEFAULT_BACKBONE})",
+    )
+    p.add_argument("--weights", help="imagenet (default), none, or a weights FILE")
+    p.add_argument(
+        "--top-k", type=int, default=4, help="categories per image of the temporary database"
+    )
+    p.add_argument(
+        "--pooling", choices=POOLINGS, default="gap", help="pooling of the temporary database"
+    )
+    p.add_argument(
+        "--min-candidates",
+        type=int,
+        default=DEFAULT_MIN_CANDIDATES,
+        help="as for query: widen the searched categories until they hold this many images",
+    )
+    p.add_argument(
+        "--query-expansion",
+        type=int,
+        default=0,
+        metavar="M",
+        help="also average each query with its top M results and search again (default: 0)",
+    )
+    p.add_argument(
+        "--whiten",
+        type=int,
+        nargs="?",
+        const=0,
+        metavar="DIM",
+        help="PCA-whiten the features, learned on the database (DIM: keep that many axes)",
+    )
+    p.add_argument("--json", action="store_true", help="one JSON object")
+    engine_options(p)
+    p.set_defaults(handler=cmd_evaluate)
+
     p = commands.add_parser("info", help="describe a database")
     p.add_argument("db_dir", type=Path)
     p.add_argument("--json", action="store_true")
@@ -176,6 +236,7 @@ def _index_options(args: argparse.Namespace):  # noqa: ANN202
         backbone=args.model, weights=args.weights, top_k=args.top_k, link=args.link,
         pooling=args.pooling, engine=args.engine, precision=args.precision,
         batch_size=args.batch_size, max_megapixels=args.max_megapixels, wait=args.wait,
+        commit_every=max(1, args.commit_every),
     )  # fmt: skip
 
 
@@ -320,6 +381,56 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"{c['images']:>14}  {c['id']} {c['name']}")
     if len(sizes) > 20:
         print(f"{'':>14}  ... {len(sizes) - 20} more (--json lists all)")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from cbir import evaluate
+
+    if (args.labelled_dir is None) == (args.groups is None):
+        raise CbirError("give either a labelled folder or --groups FILE")
+    if args.top_k < 1 or args.top_k > 1000 or args.query_expansion < 0:
+        raise CbirError("--top-k must be 1..1000 and --query-expansion at least 0")
+    if args.db is not None and not args.db.is_dir():
+        raise CbirError(f"no database at {args.db}")
+    labels = (
+        evaluate.labels_from_csv(args.groups)
+        if args.groups
+        else evaluate.labels_from_folders(args.labelled_dir)
+    )
+    search = evaluate.SearchSettings(
+        top_k=args.top_k, min_candidates=args.min_candidates,
+        query_expansion=args.query_expansion, whiten=args.whiten is not None,
+        whiten_dim=args.whiten or None,
+    )  # fmt: skip
+    options = evaluate.RunOptions(
+        backbone=args.model, weights=args.weights, pooling=args.pooling, engine=args.engine,
+        precision=args.precision, search=search,
+    )  # fmt: skip
+    report = evaluate.run_evaluation(labels, options, args.db)
+    ev = report.evaluation
+    if args.json:
+        data = {"backbone": report.backbone, "pooling": report.pooling,
+                "not_indexed": report.not_indexed, **ev.to_json()}  # fmt: skip
+        print(json.dumps(data))
+        return 0
+    s = ev.settings
+    extras = f", query expansion {s.query_expansion}" if s.query_expansion else ""
+    if s.whiten:
+        extras += f", whitened to {s.whiten_dim or 'all'} axes"
+    print(f"{ev.n_images} images, {ev.n_queries} queries, {ev.n_labels} labels "
+          f"({report.backbone}, {report.pooling}, top-k {s.top_k}, "
+          f"min-candidates {s.min_candidates}{extras})")  # fmt: skip
+    if report.not_indexed:
+        print(f"{report.not_indexed} labelled file(s) are not in the database and were left out")
+    print(f"{'':<11} {'mAP':>6} {'P@1':>6} {'P@5':>6} {'P@10':>6} {'R@10':>6}  rows/query")
+    for name, sc in (("gated", ev.gated), ("exhaustive", ev.exhaustive)):
+        values = (sc.map, sc.p_at_1, sc.p_at_5, sc.p_at_10, sc.r_at_10)
+        print(f"{name:<11} " + " ".join(f"{v:6.3f}" for v in values)
+              + f"  {sc.rows_searched:.1f} ({100 * sc.rows_share:.1f} %)")  # fmt: skip
+    print(f"gating: keeps {100 * ev.top10_kept:.1f} % of the exhaustive top-10 and "
+          f"{100 * ev.map_ratio:.1f} % of its mAP; {100 * ev.gated.no_relevant:.1f} % of "
+          f"queries searched no relevant image")  # fmt: skip
     return 0
 
 

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
@@ -193,14 +196,31 @@ def _tensorflow_sees_gpu() -> bool:
 
 
 def _import_keras() -> Any:
+    """Import Keras on TensorFlow without TensorFlow's start-up chatter on the user's terminal."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-    import absl.logging
+    with _native_stderr_silenced():  # TF's C++ logs ignore TF_CPP_MIN_LOG_LEVEL at import
+        import absl.logging
+        import keras
+        import tensorflow  # noqa: F401
 
     absl.logging.set_verbosity(absl.logging.ERROR)
-    import keras
-
     return keras
+
+
+@contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """Point file descriptor 2 at /dev/null for the duration (Python exceptions still propagate)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def build_keras_model(backbone: Backbone, spec: WeightsSpec, timings: Timings) -> Any:

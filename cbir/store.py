@@ -231,17 +231,24 @@ class Database:
                 sizes[wnid] = sizes.get(wnid, 0) + 1
         return sizes
 
-    def read_category(self, wnid: str) -> CategoryRows:
+    def committed_ids(self) -> npt.NDArray[np.int64]:
+        """(n,) ids of the images the catalog lists, sorted."""
+        return np.sort(np.fromiter(self.catalog.images, np.int64, len(self.catalog.images)))
+
+    def read_category(
+        self, wnid: str, committed: npt.NDArray[np.int64] | None = None
+    ) -> CategoryRows:
         """Committed rows of one category (rows the catalog does not list are left out)."""
-        rows = read_category_file(
-            self.category_dir(wnid) / FEATURES_NAME, self.settings.feature_dim
-        )
-        committed = np.fromiter(self.catalog.images, np.int64, len(self.catalog.images))
+        path = self.category_dir(wnid) / FEATURES_NAME
+        rows = read_category_file(path, self.settings.feature_dim)
+        if committed is None:
+            committed = self.committed_ids()
         return rows.select(np.isin(rows.ids, committed))
 
     def read_categories(self, wnids: Iterable[str]) -> CategoryRows:
         """Committed rows of several categories, each image once (an image is in up to k)."""
-        parts = [self.read_category(w) for w in wnids]
+        committed = self.committed_ids()
+        parts = [self.read_category(w, committed) for w in wnids]
         parts = [p for p in parts if len(p)]
         if not parts:
             return CategoryRows.empty(self.settings.feature_dim)
@@ -386,15 +393,15 @@ class Writer(Database):
     def has_image(self, sha256: str) -> bool:
         return image_id_of(sha256) in self.catalog.images
 
-    def add_paths(self, entries: Iterable[tuple[str, str, int, int]]) -> None:
+    def add_paths(self, entries: list[tuple[str, str, int, int]]) -> None:
         """Remember more source paths (path, sha256, size, mtime_ns) of images already indexed."""
-        changed = False
-        for path, sha, size, mtime in entries:
-            self._forget_path(path)
-            self.catalog.paths[path] = PathRecord(image_id_of(sha), size, mtime)
-            changed = True
-        if changed:
-            self._commit_catalog()
+        if not entries:
+            return
+        new_paths = {
+            path: PathRecord(image_id_of(sha), size, mtime) for path, sha, size, mtime in entries
+        }
+        self._replace_paths(new_paths)
+        self._commit_catalog()
 
     def add_images(self, new: list[NewImage]) -> None:
         """Store a chunk of new images and commit it (see the module docstring for the order)."""
@@ -410,9 +417,10 @@ class Writer(Database):
                 self._place(img.source_path, self.category_dir(wnid) / name)
         if hasattr(os, "sync"):
             os.sync()  # stored copies reach the disk before the files that point at them
+        committed = self.committed_ids()
         for wnid, imgs in sorted(by_wnid.items()):
             path = self.category_dir(wnid) / FEATURES_NAME
-            old = self.read_category(wnid)
+            old = self.read_category(wnid, committed)
             added = CategoryRows(
                 np.array([i.image_id for i in imgs], np.int64),
                 np.array([str(i.source_path) for i in imgs], np.str_),
@@ -423,10 +431,9 @@ class Writer(Database):
         for img in new:
             name = stored_name(img.source_path, img.sha256)
             self.catalog.images[img.image_id] = ImageRecord(img.sha256, name, img.wnids, img.probs)
-            self._forget_path(str(img.source_path))
-            self.catalog.paths[str(img.source_path)] = PathRecord(
-                img.image_id, img.size, img.mtime_ns
-            )
+        self._replace_paths(
+            {str(i.source_path): PathRecord(i.image_id, i.size, i.mtime_ns) for i in new}
+        )
         self._commit_catalog()
 
     def _place(self, source: Path, target: Path) -> None:
@@ -458,18 +465,24 @@ class Writer(Database):
 
     def remove_paths(self, paths: Iterable[str]) -> int:
         """Forget source paths; images left with no path are removed. Returns images removed."""
-        before = set(self.catalog.images)
-        for path in paths:
-            self._forget_path(path)
+        n_before = len(self.catalog.images)
+        self._replace_paths({}, forget=paths)
         self._commit_catalog()
-        return len(before - set(self.catalog.images))
+        return n_before - len(self.catalog.images)
 
-    def _forget_path(self, path: str) -> None:
-        rec = self.catalog.paths.pop(path, None)
-        if rec is None:
+    def _replace_paths(self, new: dict[str, PathRecord], forget: Iterable[str] = ()) -> None:
+        """Point paths at images (and forget others); images no path points at are dropped."""
+        old_ids = {
+            self.catalog.paths[p].image_id for p in [*new, *forget] if p in self.catalog.paths
+        }
+        for path in forget:
+            self.catalog.paths.pop(path, None)
+        self.catalog.paths.update(new)
+        if not old_ids:
             return
-        if not any(p.image_id == rec.image_id for p in self.catalog.paths.values()):
-            image = self.catalog.images.pop(rec.image_id, None)
+        still_used = {rec.image_id for rec in self.catalog.paths.values()}
+        for image_id in old_ids - still_used:
+            image = self.catalog.images.pop(image_id, None)
             if image is not None:
                 self._pending_removals.update(image.wnids)
 
@@ -492,7 +505,7 @@ class Writer(Database):
 
         Only the categories in `wnids` are visited, or every category folder when None.
         """
-        committed = np.fromiter(self.catalog.images, np.int64, len(self.catalog.images))
+        committed = self.committed_ids()
         if wnids is None:
             folders = list(self._category_folders())
         else:

@@ -17,7 +17,8 @@ TESTDATA = SHARED / "testdata"
 EVALDATA = SHARED / "evaldata"
 
 needs_shared = pytest.mark.skipif(
-    not TESTDATA.is_dir(), reason=f"real test data not found at {SHARED} (../shared beside the repo)"
+    not TESTDATA.is_dir(),
+    reason=f"real test data not found at {SHARED} (../shared beside the repo)",
 )
 
 

@@ -78,7 +78,10 @@ def test_info_lists_model_counts_and_categories(photos_db, capsys):
 
 def test_plot_is_saved_as_an_image(photos_db, tmp_path, capsys):
     out = tmp_path / "results.png"
-    queries = [TESTDATA / "near_duplicates" / "rocket__crop90.jpg", TESTDATA / "formats" / "cmyk.jpg"]
+    queries = [
+        TESTDATA / "near_duplicates" / "rocket__crop90.jpg",
+        TESTDATA / "formats" / "cmyk.jpg",
+    ]
     assert main(["query", str(photos_db), *map(str, queries), "--plot", str(out)]) == 0
     assert out.stat().st_size > 10_000
     assert "rocket.jpg" in capsys.readouterr().out
@@ -102,7 +105,9 @@ def test_fallback_when_no_predicted_category_is_in_the_database(tmp_path, capsys
     src.mkdir()
     (src / "rocket.jpg").write_bytes((TESTDATA / "photos/vehicles/rocket.jpg").read_bytes())
     db = tmp_path / "db"
-    assert main(["create-db", str(src), str(db), "--model", "efficientnet_lite0", "--top-k", "1"]) == 0
+    assert (
+        main(["create-db", str(src), str(db), "--model", "efficientnet_lite0", "--top-k", "1"]) == 0
+    )
     capsys.readouterr()
     cat = TESTDATA / "photos" / "animals" / "chelsea.jpg"
     assert main(["query", str(db), str(cat), "--min-candidates", "0"]) == 0

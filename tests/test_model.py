@@ -39,7 +39,9 @@ def test_features_are_unit_rows_and_similar_images_score_higher(lite0):
 
 @needs_shared
 def test_engines_agree_with_tensorflow_float32(lite0):
-    pixels = np.stack([load_image(p, 224) for p in sorted((TESTDATA / "photos").rglob("*.jpg"))[:8]])
+    pixels = np.stack(
+        [load_image(p, 224) for p in sorted((TESTDATA / "photos").rglob("*.jpg"))[:8]]
+    )
     reference = load_model("efficientnet_lite0", engine="tensorflow").describe(pixels)
     fast = lite0.describe(pixels)
     cosine = (reference.features["gap"] * fast.features["gap"]).sum(axis=1)

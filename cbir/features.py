@@ -1,0 +1,91 @@
+"""Descriptor post-processing that needs no model: PCA-whitening and query expansion. Pure numpy.
+
+PCA-whitening is learned on a database's own descriptors (no labels): centre, rotate onto the
+principal axes, scale every axis to unit variance, optionally keep only the first `dim` axes,
+L2-normalise again. Frequent, correlated directions (a white background, a common texture) then
+weigh less in the cosine. The learned mean (d,) and projection (dim, d) are plain float32 arrays,
+so a database can store them and apply them to its queries.
+
+Query expansion (average query expansion, AQE): average the query with its top-m results,
+renormalise, search again; results that agree with each other pull the query towards them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+DEFAULT_SHRINKAGE = 0.1
+
+
+@dataclass(frozen=True)
+class Whitening:
+    """y = normalise(projection @ (x - mean)). mean: (d,) float32; projection: (dim, d) float32."""
+
+    mean: npt.NDArray[np.float32]
+    projection: npt.NDArray[np.float32]
+
+    @property
+    def dim(self) -> int:
+        return int(self.projection.shape[0])
+
+
+def learn_whitening(
+    features: npt.NDArray[np.float32], dim: int | None = None, shrinkage: float = DEFAULT_SHRINKAGE
+) -> Whitening:
+    """PCA-whitening of `features` (n, d), keeping `dim` axes (None: every axis with variance).
+
+    A database of n images has at most n - 1 axes with variance, and the last of them are noise:
+    each eigenvalue is raised by `shrinkage` times the mean eigenvalue before it is inverted, so
+    those axes are damped rather than blown up (0 gives plain whitening).
+    """
+    x = np.asarray(features, np.float64)
+    n, d = x.shape
+    if n < 2:
+        raise ValueError("whitening needs at least 2 descriptors")
+    mean = x.mean(axis=0)
+    _, singular, axes = np.linalg.svd(x - mean, full_matrices=False)  # axes: (min(n, d), d)
+    variances = singular**2 / (n - 1)
+    rank = int(np.sum(variances > variances[0] * 1e-10))
+    keep = rank if dim is None else min(dim, rank)
+    variances, axes = variances[:keep], axes[:keep]
+    scale = 1.0 / np.sqrt(variances + shrinkage * variances.mean())
+    return Whitening(mean.astype(np.float32), (axes * scale[:, None]).astype(np.float32))
+
+
+def apply_whitening(
+    whitening: Whitening, features: npt.NDArray[np.float32]
+) -> npt.NDArray[np.float32]:
+    """features: (n, d) or (d,) -> (n, dim) or (dim,), rows L2-normalised."""
+    projected = (np.asarray(features, np.float32) - whitening.mean) @ whitening.projection.T
+    return normalise(projected)
+
+
+def expand_query(
+    query: npt.NDArray[np.float32],
+    top_rows: npt.NDArray[np.float32],
+    top_scores: npt.NDArray[np.float32] | None = None,
+    alpha: float = 0.0,
+) -> npt.NDArray[np.float32]:
+    """The expanded query (d,): the query averaged with its top results, renormalised.
+
+    query: (d,) unit-norm; top_rows: (m, d) the first search's best m rows, best first.
+    alpha > 0 weighs each row by its cosine score to the power alpha (alpha-QE), so a weak m-th
+    result counts less; the query itself always has weight 1.
+    """
+    if len(top_rows) == 0:
+        return np.asarray(query, np.float32)
+    weights = np.ones(len(top_rows), np.float32)
+    if alpha > 0 and top_scores is not None:
+        weights = np.maximum(np.asarray(top_scores, np.float32), 0.0) ** alpha
+    expanded = np.asarray(query, np.float32) + weights @ np.asarray(top_rows, np.float32)
+    return normalise(expanded)
+
+
+def normalise(x: npt.NDArray[np.floating]) -> npt.NDArray[np.float32]:
+    """L2-normalise the last axis of (n, d) or (d,); zero rows stay zero."""
+    x = np.asarray(x, np.float32)
+    norms = np.linalg.norm(x, axis=-1, keepdims=True)
+    return x / np.maximum(norms, 1e-12)

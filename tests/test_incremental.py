@@ -1,0 +1,174 @@
+"""Incremental indexing: add, the same photo twice, changed files, remove, sync, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cbir.cli import main
+from cbir.store import Database
+from tests.conftest import TESTDATA, needs_shared
+
+pytestmark = needs_shared
+LITE0 = ["--model", "efficientnet_lite0"]
+
+
+def copy_photos(target: Path, *names: str) -> Path:
+    target.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        shutil.copy(TESTDATA / "photos" / name, target / Path(name).name)
+    return target
+
+
+def db_state(db_dir: Path) -> dict:
+    """Everything a database says about its images: catalog, category rows and stored files."""
+    db = Database.open(db_dir)
+    state = {
+        "images": {i: (r.sha256, r.wnids) for i, r in db.catalog.images.items()},
+        "paths": {p: r.image_id for p, r in db.catalog.paths.items()},
+        "files": sorted(
+            str(p.relative_to(db_dir))
+            for p in db_dir.rglob("*")
+            if p.is_file() and p.parent != db_dir
+        ),
+    }
+    for folder in sorted(db_dir.glob("n*_*")):
+        rows = db.read_category(folder.name.split("_")[0])
+        order = np.argsort(rows.ids)
+        state[folder.name] = (rows.ids[order].tolist(), rows.paths[order].tolist(),
+                              np.round(rows.features[order], 3).tolist())  # fmt: skip
+    return state
+
+
+def query_paths(db_dir: Path, image: Path, capsys) -> list[str]:
+    assert main(["query", str(db_dir), str(image), "--json", "-n", "50"]) == 0
+    return [r["path"] for r in json.loads(capsys.readouterr().out)["results"]]
+
+
+def test_adding_twice_adds_nothing_the_second_time(tmp_path, capsys):
+    src = copy_photos(tmp_path / "src", "animals/chelsea.jpg", "food/coffee.jpg")
+    db = tmp_path / "db"
+    assert main(["create-db", str(src), str(db), *LITE0]) == 0
+    before = db_state(db)
+    assert main(["add", str(db), str(src), *LITE0]) == 0
+    assert "indexed 0, unchanged 2, skipped 0" in capsys.readouterr().err
+    assert db_state(db) == before
+
+
+def test_add_indexes_only_the_new_files_and_touches_only_their_categories(tmp_path, capsys):
+    src = copy_photos(tmp_path / "src", "animals/chelsea.jpg", "food/coffee.jpg")
+    db = tmp_path / "db"
+    assert main(["create-db", str(src), str(db), *LITE0]) == 0
+    mtimes = {p: p.stat().st_mtime_ns for p in db.glob("n*/features.npz")}
+    new = copy_photos(tmp_path / "more", "vehicles/rocket.jpg")
+    capsys.readouterr()
+    assert main(["add", str(db), str(new / "rocket.jpg"), *LITE0]) == 0
+    assert "indexed 1, unchanged 0, skipped 0" in capsys.readouterr().err
+    rocket_categories = set(Database.open(db).catalog.images[
+        Database.open(db).catalog.paths[str(new / "rocket.jpg")].image_id].wnids)  # fmt: skip
+    for path, mtime in mtimes.items():
+        if path.parent.name.split("_")[0] not in rocket_categories:
+            assert path.stat().st_mtime_ns == mtime, f"{path} was rewritten"
+
+
+def test_same_photo_under_two_names_is_one_image_with_two_paths(tmp_path, capsys):
+    src = copy_photos(tmp_path / "src", "animals/chelsea.jpg")
+    shutil.copy(src / "chelsea.jpg", src / "chelsea copy.jpg")
+    db = tmp_path / "db"
+    assert main(["create-db", str(src), str(db), *LITE0]) == 0
+    assert "indexed 1, unchanged 0, skipped 0, known content under a new name 1" in (
+        capsys.readouterr().err
+    )
+    catalog = Database.open(db).catalog
+    assert len(catalog.images) == 1
+    assert sorted(Path(p).name for p in catalog.paths) == ["chelsea copy.jpg", "chelsea.jpg"]
+    assert len(list(db.rglob("chelsea*.jpg"))) == 4  # one copy in each of its 4 categories
+
+
+def test_changed_file_is_reindexed_and_its_old_rows_and_copies_replaced(tmp_path, capsys):
+    src = copy_photos(tmp_path / "src", "animals/chelsea.jpg", "food/coffee.jpg")
+    db = tmp_path / "db"
+    assert main(["create-db", str(src), str(db), *LITE0]) == 0
+    shutil.copy(TESTDATA / "photos" / "vehicles" / "rocket.jpg", src / "chelsea.jpg")
+    os.utime(src / "chelsea.jpg", ns=(1, 1))
+    capsys.readouterr()
+    assert main(["create-db", str(src), str(db), *LITE0]) == 0
+    assert "indexed 1, unchanged 1, skipped 0, removed 1" in capsys.readouterr().err
+    assert len(Database.open(db).catalog.images) == 2
+    stored = [p.read_bytes() for p in db.rglob("chelsea-*.jpg")]
+    assert len(stored) == 4 and all(b == (src / "chelsea.jpg").read_bytes() for b in stored)
+    rocket = TESTDATA / "photos" / "vehicles" / "rocket.jpg"
+    assert query_paths(db, rocket, capsys)[0] == str(src / "chelsea.jpg")
+
+
+def test_removed_image_is_gone_from_results_and_disk(tmp_path, capsys):
+    src = copy_photos(tmp_path / "src", "animals/chelsea.jpg", "food/coffee.jpg")
+    db = tmp_path / "db"
+    assert main(["create-db", str(src), str(db), *LITE0]) == 0
+    assert main(["remove", str(db), str(src / "chelsea.jpg")]) == 0
+    assert "removed 1" in capsys.readouterr().err
+    assert not list(db.rglob("chelsea-*"))
+    assert str(src / "chelsea.jpg") not in query_paths(db, src / "chelsea.jpg", capsys)
+    assert len(Database.open(db).catalog.images) == 1
+
+
+def test_sync_and_prune_drop_images_whose_source_was_deleted(tmp_path, capsys):
+    src = copy_photos(
+        tmp_path / "src", "animals/chelsea.jpg", "food/coffee.jpg", "vehicles/rocket.jpg"
+    )
+    db = tmp_path / "db"
+    assert main(["create-db", str(src), str(db), *LITE0]) == 0
+    (src / "chelsea.jpg").unlink()
+    assert main(["sync", str(db)]) == 0
+    assert "removed 1" in capsys.readouterr().err
+    (src / "coffee.jpg").unlink()
+    assert main(["create-db", str(src), str(db), *LITE0, "--prune"]) == 0
+    assert "removed 1" in capsys.readouterr().err
+    catalog = Database.open(db).catalog
+    assert [Path(p).name for p in catalog.paths] == ["rocket.jpg"]
+    assert sorted(p.name.split("-")[0] for p in db.rglob("*.jpg")) == ["rocket"] * 4
+
+
+def test_every_bad_file_is_skipped_with_its_reason_and_the_run_succeeds(tmp_path, capsys):
+    src = tmp_path / "src"
+    shutil.copytree(TESTDATA / "bad", src)
+    shutil.copy(TESTDATA / "photos" / "animals" / "chelsea.jpg", src)
+    db = tmp_path / "db"
+    assert main(["create-db", str(src), str(db), *LITE0]) == 0
+    err = capsys.readouterr().err.splitlines()
+    skipped = {Path(line.split(": ")[0].removeprefix("skipping ")).name: line
+               for line in err if line.startswith("skipping ")}  # fmt: skip
+    assert sorted(skipped) == sorted(p.name for p in (TESTDATA / "bad").iterdir())
+    assert "hidden" in skipped[".hidden.jpg"] and "AppleDouble" in skipped["._chelsea.jpg"]
+    assert "decompression bomb" in skipped["bomb.png"] and "empty" in skipped["empty.jpg"]
+    assert err[-1] == "indexed 1, unchanged 0, skipped 9"
+    assert [Path(p).name for p in Database.open(db).catalog.paths] == ["chelsea.jpg"]
+    assert main(["add", str(db), str(src), *LITE0, "--strict"]) == 3
+
+
+def test_every_format_is_indexed_and_found_again(tmp_path, capsys):
+    src = tmp_path / "formats"
+    shutil.copytree(TESTDATA / "formats", src)
+    db = tmp_path / "db"
+    assert main(["create-db", str(src), str(db), *LITE0, "--strict"]) == 0
+    assert "indexed 19, unchanged 0, skipped 0" in capsys.readouterr().err
+    for name in ("photo.heic", "café au lait.jpg", "exif_orientation6.jpg", "grey16.png"):
+        assert query_paths(db, src / name, capsys)[0] == str(src / name)
+
+
+@pytest.mark.parametrize("option", ["hardlink", "symlink"])
+def test_links_instead_of_copies(tmp_path, option):
+    src = copy_photos(tmp_path / "src", "animals/chelsea.jpg")
+    db = tmp_path / "db"
+    assert main(["create-db", str(src), str(db), *LITE0, "--link", option]) == 0
+    stored = list(db.rglob("chelsea-*.jpg"))
+    assert len(stored) == 4
+    if option == "hardlink":
+        assert all(p.stat().st_ino == (src / "chelsea.jpg").stat().st_ino for p in stored)
+    else:
+        assert all(p.is_symlink() and p.resolve() == (src / "chelsea.jpg") for p in stored)
