@@ -253,7 +253,7 @@ def _index(args: argparse.Namespace, db_dir: Path, sources: list[Path]) -> int:
     if getattr(args, "prune", False):
         from cbir.indexing import sync
 
-        removed = sync(db_dir, wait=args.wait)
+        removed = sync(db_dir, wait=args.wait, on_wait=_say)
     summary = (
         f"indexed {report.indexed}, unchanged {report.unchanged}, skipped {len(report.skipped)}"
     )
@@ -284,7 +284,7 @@ def cmd_add(args: argparse.Namespace) -> int:
 def cmd_remove(args: argparse.Namespace) -> int:
     from cbir.indexing import remove_sources
 
-    removed = remove_sources(args.db_dir, args.paths, wait=args.wait)
+    removed = remove_sources(args.db_dir, args.paths, wait=args.wait, on_wait=_say)
     print(f"removed {removed}", file=sys.stderr)
     return 0
 
@@ -292,7 +292,7 @@ def cmd_remove(args: argparse.Namespace) -> int:
 def cmd_sync(args: argparse.Namespace) -> int:
     from cbir.indexing import sync
 
-    removed = sync(args.db_dir, wait=args.wait)
+    removed = sync(args.db_dir, wait=args.wait, on_wait=_say)
     print(f"removed {removed}", file=sys.stderr)
     return 0
 

@@ -231,9 +231,11 @@ def _result(future: Future[_Prepared]) -> _Prepared | BadImage:
         return bad
 
 
-def remove_sources(db_dir: Path, paths: list[Path], wait: bool = True) -> int:
+def remove_sources(
+    db_dir: Path, paths: list[Path], wait: bool = True, on_wait: Callable[[str], None] | None = None
+) -> int:
     """Forget these files (or every file under these folders). Returns images removed."""
-    with open_writer(db_dir, wait=wait) as writer:
+    with open_writer(db_dir, wait=wait, on_wait=on_wait) as writer:
         targets = [str(_absolute(p)) for p in paths]
         doomed = [
             known
@@ -243,9 +245,9 @@ def remove_sources(db_dir: Path, paths: list[Path], wait: bool = True) -> int:
         return writer.remove_paths(doomed)
 
 
-def sync(db_dir: Path, wait: bool = True) -> int:
+def sync(db_dir: Path, wait: bool = True, on_wait: Callable[[str], None] | None = None) -> int:
     """Forget source paths that no longer exist. Returns images removed."""
-    with open_writer(db_dir, wait=wait) as writer:
+    with open_writer(db_dir, wait=wait, on_wait=on_wait) as writer:
         gone = [p for p in writer.catalog.paths if not os.path.exists(p)]
         return writer.remove_paths(gone) if gone else 0
 

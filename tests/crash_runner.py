@@ -1,0 +1,72 @@
+"""Run `cbir` and SIGKILL it at a chosen point of its writes: the crash-safety tests' subject.
+
+    python tests/crash_runner.py POINT N cbir-arguments...
+
+POINT is where the process kills itself on the N-th time it gets there:
+  copy        after half of an image copy into a category folder was written
+  features    after half of a category features.npz was written to its temporary file
+  catalog     after half of catalog.npz (the commit point) was written
+  manifest    just before the manifest is written (the catalog is already committed)
+Nothing here is part of cbir: the kill is patched in from outside, as a power cut would be.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from cbir import store  # noqa: E402
+from cbir.cli import main  # noqa: E402
+
+
+def die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def install(point: str, nth: int) -> None:
+    calls = 0
+
+    def due() -> bool:
+        nonlocal calls
+        calls += 1
+        return calls == nth
+
+    if point == "copy":
+        real_copy = store.shutil.copyfile
+
+        def copyfile(src: str, dst: str) -> str:
+            if due():
+                data = Path(src).read_bytes()
+                Path(dst).write_bytes(data[: len(data) // 2])
+                die()
+            return real_copy(src, dst)
+
+        store.shutil.copyfile = copyfile
+        return
+
+    real_write = store._write_atomic
+    names = {"features": store.FEATURES_NAME, "catalog": store.CATALOG_NAME,
+             "manifest": store.MANIFEST_NAME}  # fmt: skip
+
+    def write_atomic(path: Path, write) -> None:  # noqa: ANN001
+        if path.name == names[point] and due():
+            if point == "manifest":
+                die()
+            buffer = io.BytesIO()
+            write(buffer)
+            tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+            tmp.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+            die()
+        real_write(path, write)
+
+    store._write_atomic = write_atomic
+
+
+if __name__ == "__main__":
+    install(sys.argv[1], int(sys.argv[2]))
+    sys.exit(main(sys.argv[3:]))
