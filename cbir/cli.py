@@ -143,6 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
     writer_options(p)
     p.set_defaults(handler=cmd_sync)
 
+    p = commands.add_parser("check", help="verify a database's files; --repair fixes them")
+    p.add_argument("db_dir", type=Path)
+    p.add_argument("--repair", action="store_true", help="repair what can be repaired")
+    writer_options(p)
+    p.set_defaults(handler=cmd_check)
+
     p = commands.add_parser("query", help="find the images most similar to query images")
     p.add_argument("db_dir", type=Path)
     p.add_argument("images", type=Path, nargs="+")
@@ -295,6 +301,22 @@ def cmd_sync(args: argparse.Namespace) -> int:
     removed = sync(args.db_dir, wait=args.wait, on_wait=_say)
     print(f"removed {removed}", file=sys.stderr)
     return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from cbir.store import check_database
+
+    problems = check_database(args.db_dir, repair=args.repair, wait=args.wait, on_wait=_say)
+    for line in problems:
+        print(line)
+    if not problems:
+        print(f"{args.db_dir}: ok")
+        return 0
+    if args.repair:
+        print(f"{args.db_dir}: repaired {len(problems)} problem(s)")
+        return 0
+    print(f"{args.db_dir}: {len(problems)} problem(s); run 'cbir check --repair'", file=sys.stderr)
+    return 1
 
 
 def cmd_query(args: argparse.Namespace) -> int:

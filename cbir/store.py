@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import io
 import json
 import os
@@ -240,7 +241,15 @@ class Database:
     ) -> CategoryRows:
         """Committed rows of one category (rows the catalog does not list are left out)."""
         path = self.category_dir(wnid) / FEATURES_NAME
-        rows = read_category_file(path, self.settings.feature_dim)
+        try:
+            rows = read_category_file(path, self.settings.feature_dim)
+        except FileNotFoundError:
+            if any(wnid in rec.wnids for rec in self.catalog.images.values()):
+                raise DatabaseError(
+                    f"{path} is missing but the catalog lists images in it; "
+                    "run 'cbir check --repair'"
+                ) from None
+            return CategoryRows.empty(self.settings.feature_dim)
         if committed is None:
             committed = self.committed_ids()
         return rows.select(np.isin(rows.ids, committed))
@@ -317,10 +326,8 @@ def read_catalog(db_dir: Path) -> Catalog:
 
 
 def read_category_file(path: Path, dim: int) -> CategoryRows:
-    try:
-        a = _load_npz(path, ("ids", "paths", "files", "features"))
-    except FileNotFoundError:
-        return CategoryRows.empty(dim)
+    """All rows of a category file, committed or not. Raises FileNotFoundError, DatabaseError."""
+    a = _load_npz(path, ("ids", "paths", "files", "features"))
     rows = CategoryRows(a["ids"], a["paths"], a["files"], a["features"])
     if (
         rows.features.ndim != 2
@@ -420,7 +427,7 @@ class Writer(Database):
         committed = self.committed_ids()
         for wnid, imgs in sorted(by_wnid.items()):
             path = self.category_dir(wnid) / FEATURES_NAME
-            old = self.read_category(wnid, committed)
+            old = _committed_rows(path, self.settings.feature_dim, committed)
             added = CategoryRows(
                 np.array([i.image_id for i in imgs], np.int64),
                 np.array([str(i.source_path) for i in imgs], np.str_),
@@ -512,7 +519,10 @@ class Writer(Database):
             folders = [d for d in map(self.category_dir, wnids) if d.is_dir()]
         for folder in folders:
             path = folder / FEATURES_NAME
-            rows = read_category_file(path, self.settings.feature_dim)
+            try:
+                rows = read_category_file(path, self.settings.feature_dim)
+            except FileNotFoundError:
+                rows = CategoryRows.empty(self.settings.feature_dim)
             keep = np.isin(rows.ids, committed)
             if not keep.all():
                 if keep.any():
@@ -541,6 +551,163 @@ class Writer(Database):
         self._drop_uncommitted_rows()
 
 
+def check_database(
+    db_dir: Path,
+    repair: bool = False,
+    wait: bool = True,
+    on_wait: Callable[[str], None] | None = None,
+) -> list[str]:
+    """Verify every file against the catalog and manifest; with `repair`, fix what can be fixed.
+
+    Returns one line per problem found (with what was done about it when repairing). Category
+    files are rebuilt from the rows of other categories (an image's feature is stored in each of
+    its k categories), stored copies from other copies or the source file, and a damaged catalog
+    from the category files. Images with nothing left to rebuild them from are dropped, so that
+    running the same create-db or add again re-indexes them.
+    """
+    with open_writer(db_dir, wait=wait, on_wait=on_wait, repair_interrupted=False) as writer:
+        return _Checker(writer, repair).run()
+
+
+class _Checker:
+    def __init__(self, writer: Writer, repair: bool) -> None:
+        self.w, self.repair, self.problems = writer, repair, []
+        self.dim = writer.settings.feature_dim
+
+    def say(self, what: str, fix: str = "") -> None:
+        self.problems.append(f"{what}; {fix}" if self.repair and fix else what)
+
+    def run(self) -> list[str]:
+        w = self.w
+        rows_by_folder: dict[str, CategoryRows] = {}
+        for folder in w._category_folders():
+            path = folder / FEATURES_NAME
+            try:
+                rows_by_folder[folder.name] = read_category_file(path, self.dim)
+            except FileNotFoundError:
+                self.say(f"{path} is missing", "rebuilt from other categories")
+            except DatabaseError as exc:
+                self.say(str(exc).split("; run")[0], "rebuilt from other categories")
+            for tmp in folder.glob(".tmp-*"):
+                self.say(f"{tmp} is a leftover temporary file", "deleted")
+        try:
+            catalog = w.catalog
+        except DatabaseError as exc:
+            self.say(str(exc).split("; run")[0], "rebuilt from the category files")
+            catalog = self._catalog_from_rows(rows_by_folder)
+            w._catalog = catalog
+        features: dict[int, npt.NDArray[np.float32]] = {}
+        for rows in rows_by_folder.values():
+            features.update(zip(rows.ids.tolist(), rows.features, strict=True))
+        dropped = []
+        for image_id, rec in sorted(catalog.images.items()):
+            copy = self._find_copy(rec)
+            if image_id not in features or copy is None:
+                self.say(f"image {rec.stored_name} has no features or stored copy left",
+                         "dropped: run the same create-db or add again to re-index it")  # fmt: skip
+                dropped.append(image_id)
+                continue
+            for wnid in rec.wnids:
+                folder = w.category_dir(wnid)
+                rows = rows_by_folder.get(folder.name)
+                if rows is not None and image_id not in rows.ids and folder.name in rows_by_folder:
+                    self.say(f"image {rec.stored_name} is missing from {folder / FEATURES_NAME}",
+                             "row restored")  # fmt: skip
+                if not (folder / rec.stored_name).exists():
+                    self.say(f"{folder / rec.stored_name} is missing", "copied again")
+        committed = set(catalog.images) - set(dropped)
+        for name, rows in rows_by_folder.items():
+            stray = [i for i in rows.ids.tolist() if i not in committed]
+            if stray:
+                self.say(f"{w.db_dir / name / FEATURES_NAME} has {len(stray)} rows of images "
+                         "the catalog does not list (an interrupted write)", "removed")  # fmt: skip
+        if w.manifest.n_images != len(committed):
+            self.say(f"manifest counts {w.manifest.n_images} images, the catalog {len(committed)}",
+                     "corrected")  # fmt: skip
+        if self.repair and self.problems:
+            self._rebuild(features, dropped)
+        return self.problems
+
+    def _find_copy(self, rec: ImageRecord) -> Path | None:
+        """An existing file with this image's content: a stored copy, else a source path."""
+        for wnid in rec.wnids:
+            candidate = self.w.category_dir(wnid) / rec.stored_name
+            if candidate.is_file():
+                return candidate
+        image_id = image_id_of(rec.sha256)
+        for path, path_rec in self.w.catalog.paths.items():
+            if path_rec.image_id == image_id and Path(path).is_file():
+                return Path(path)
+        return None
+
+    def _catalog_from_rows(self, rows_by_folder: dict[str, CategoryRows]) -> Catalog:
+        catalog = Catalog()
+        for name, rows in sorted(rows_by_folder.items()):
+            wnid = categories.wnid_of_folder(name)
+            for image_id, path, file in zip(rows.ids.tolist(), rows.paths, rows.files, strict=True):
+                stored = self.w.db_dir / name / str(file)
+                if image_id not in catalog.images:
+                    if not stored.is_file():
+                        continue
+                    sha = _file_sha256(stored)
+                    if image_id_of(sha) != image_id:
+                        continue
+                    catalog.images[image_id] = ImageRecord(sha, str(file), (), ())
+                    catalog.paths[str(path)] = PathRecord(image_id, -1, -1)  # re-checked next run
+                rec = catalog.images[image_id]
+                rec.wnids += (wnid,)
+                rec.probs += (0.0,)  # unknown after the loss: only the order of categories is
+        return catalog
+
+    def _rebuild(self, features: dict[int, npt.NDArray[np.float32]], dropped: list[int]) -> None:
+        w = self.w
+        catalog = w.catalog
+        for image_id in dropped:
+            catalog.images.pop(image_id, None)
+        for path in [p for p, r in catalog.paths.items() if r.image_id not in catalog.images]:
+            del catalog.paths[path]
+        members: dict[str, list[int]] = {}
+        for image_id, rec in catalog.images.items():
+            for wnid in rec.wnids:
+                members.setdefault(wnid, []).append(image_id)
+        primary = {i: ps[0] for i, ps in catalog.paths_of().items()}
+        for wnid, ids in sorted(members.items()):
+            folder = w.category_dir(wnid)
+            folder.mkdir(exist_ok=True)
+            for image_id in ids:
+                rec = catalog.images[image_id]
+                target = folder / rec.stored_name
+                if not target.exists():
+                    source = self._find_copy(rec)
+                    if source is not None:
+                        shutil.copyfile(source, target)
+            ids = sorted(ids)
+            _write_category(folder / FEATURES_NAME, CategoryRows(
+                np.array(ids, np.int64),
+                np.array([primary[i] for i in ids], np.str_),
+                np.array([catalog.images[i].stored_name for i in ids], np.str_),
+                np.stack([features[i] for i in ids]).astype(np.float32),
+            ))  # fmt: skip
+        w._commit_catalog()
+        w.repair()
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _committed_rows(path: Path, dim: int, committed: npt.NDArray[np.int64]) -> CategoryRows:
+    try:
+        rows = read_category_file(path, dim)
+    except FileNotFoundError:
+        return CategoryRows.empty(dim)
+    return rows.select(np.isin(rows.ids, committed))
+
+
 def _concat(a: CategoryRows, b: CategoryRows) -> CategoryRows:
     return CategoryRows(
         np.concatenate([a.ids, b.ids]),
@@ -556,6 +723,7 @@ def open_writer(
     settings: Settings | None = None,
     wait: bool = True,
     on_wait: Callable[[str], None] | None = None,
+    repair_interrupted: bool = True,
 ) -> Iterator[Writer]:
     """Lock the database for writing, creating it from `settings` if it does not exist yet.
 
@@ -577,6 +745,9 @@ def open_writer(
             _write_atomic(db_dir / MANIFEST_NAME, lambda f: f.write(manifest.to_json().encode()))
         writer = Writer(db_dir, manifest)
         marker = db_dir / WRITING_NAME
+        if not repair_interrupted:
+            yield writer
+            return
         if marker.exists():
             writer.repair()
         marker.touch()

@@ -1,0 +1,88 @@
+"""A damaged database gives a clear error naming the file, and `cbir check --repair` mends it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from cbir.cli import main
+from cbir.store import CATALOG_NAME, FEATURES_NAME, MANIFEST_NAME, Database
+from tests.conftest import TESTDATA, needs_shared
+
+pytestmark = needs_shared
+CHELSEA = TESTDATA / "photos" / "animals" / "chelsea.jpg"
+
+
+@pytest.fixture
+def db(photos_db: Path, tmp_path: Path) -> Path:
+    """A private copy of the session's photos database, free to damage."""
+    target = tmp_path / "db"
+    shutil.copytree(photos_db, target)
+    return target
+
+
+def chelsea_category(db: Path) -> Path:
+    """The category folder of chelsea's top class (every query for chelsea opens it)."""
+    catalog = Database.open(db).catalog
+    [rec] = [r for r in catalog.images.values() if r.stored_name.startswith("chelsea-")]
+    return next(db.glob(f"{rec.wnids[0]}_*"))
+
+
+def query_fails_naming(db: Path, capsys, fragment: str) -> None:
+    assert main(["query", str(db), str(CHELSEA), "--all"]) == 1
+    err = capsys.readouterr().err
+    assert fragment in err and err.count("\n") == 1, err
+
+
+def test_truncated_category_file_is_named_then_rebuilt_from_other_categories(db, capsys):
+    features = chelsea_category(db) / FEATURES_NAME
+    features.write_bytes(features.read_bytes()[:100])
+    query_fails_naming(db, capsys, f"{features} is damaged")
+    assert main(["check", str(db)]) == 1
+    assert str(features) in capsys.readouterr().out
+    assert main(["check", str(db), "--repair"]) == 0
+    assert main(["check", str(db)]) == 0
+    capsys.readouterr()
+    assert main(["query", str(db), str(CHELSEA), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["results"][0]["path"].endswith("chelsea.jpg")
+
+
+def test_missing_category_file_is_named_then_restored(db, capsys):
+    features = chelsea_category(db) / FEATURES_NAME
+    features.unlink()
+    query_fails_naming(db, capsys, f"{features} is missing")
+    assert main(["check", str(db), "--repair"]) == 0
+    assert features.is_file() and main(["check", str(db)]) == 0
+
+
+def test_damaged_catalog_is_rebuilt_from_the_category_files(db, capsys):
+    (db / CATALOG_NAME).write_bytes(b"garbage")
+    query_fails_naming(db, capsys, f"{db / CATALOG_NAME} is damaged")
+    assert main(["check", str(db), "--repair"]) == 0
+    assert len(Database.open(db).catalog.images) == 37
+    assert main(["check", str(db)]) == 0
+
+
+def test_missing_stored_copy_is_copied_again(db, capsys):
+    copy = next(chelsea_category(db).glob("chelsea-*.jpg"))
+    copy.unlink()
+    assert main(["check", str(db)]) == 1
+    assert f"{copy} is missing" in capsys.readouterr().out
+    assert main(["check", str(db), "--repair"]) == 0
+    assert copy.read_bytes() == CHELSEA.read_bytes()
+
+
+def test_manifest_from_a_newer_cbir_is_refused(db, capsys):
+    manifest = json.loads((db / MANIFEST_NAME).read_text())
+    manifest["format_version"] = 99
+    (db / MANIFEST_NAME).write_text(json.dumps(manifest))
+    query_fails_naming(db, capsys, "format version 99, newer than this cbir understands")
+    assert main(["info", str(db)]) == 1
+
+
+def test_healthy_database_checks_ok(photos_db, capsys):
+    assert main(["check", str(photos_db)]) == 0
+    assert capsys.readouterr().out.strip().endswith(": ok")
