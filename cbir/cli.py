@@ -213,12 +213,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="also average each query with its top M results and search again (default: 0)",
     )
     p.add_argument(
-        "--whiten",
+        "--pca",
         type=int,
         nargs="?",
         const=0,
         metavar="DIM",
-        help="PCA-whiten the features, learned on the database (DIM: keep that many axes)",
+        help="project features onto a PCA learned on the database (DIM: keep that many axes)",
+    )
+    p.add_argument(
+        "--whiten-power",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="with --pca, scale each axis by variance**-P (0.5: PCA-whitening; default: 0)",
     )
     p.add_argument("--json", action="store_true", help="one JSON object")
     engine_options(p)
@@ -422,8 +429,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     )
     search = evaluate.SearchSettings(
         top_k=args.top_k, min_candidates=args.min_candidates,
-        query_expansion=args.query_expansion, whiten=args.whiten is not None,
-        whiten_dim=args.whiten or None,
+        query_expansion=args.query_expansion, pca=args.pca is not None,
+        pca_dim=args.pca or None, whiten_power=args.whiten_power,
     )  # fmt: skip
     options = evaluate.RunOptions(
         backbone=args.model, weights=args.weights, pooling=args.pooling, engine=args.engine,
@@ -438,8 +445,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         return 0
     s = ev.settings
     extras = f", query expansion {s.query_expansion}" if s.query_expansion else ""
-    if s.whiten:
-        extras += f", whitened to {s.whiten_dim or 'all'} axes"
+    if s.pca:
+        extras += f", PCA to {s.pca_dim or 'all'} axes, whitening power {s.whiten_power}"
     print(f"{ev.n_images} images, {ev.n_queries} queries, {ev.n_labels} labels "
           f"({report.backbone}, {report.pooling}, top-k {s.top_k}, "
           f"min-candidates {s.min_candidates}{extras})")  # fmt: skip

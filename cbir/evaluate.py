@@ -97,8 +97,9 @@ class SearchSettings:
     min_candidates: int = DEFAULT_MIN_CANDIDATES
     query_expansion: int = 0  # m: average the query with its top-m results, search again
     qe_alpha: float = 0.0  # weigh expansion rows by score**alpha (0: plain average)
-    whiten: bool = False  # PCA-whitening learned on the corpus's own rows
-    whiten_dim: int | None = None  # keep this many whitened axes (None: all)
+    pca: bool = False  # project onto a PCA learned on the corpus's own rows (cbir.features)
+    pca_dim: int | None = None  # keep this many axes (None: all)
+    whiten_power: float = 0.0  # scale axis i by variance_i ** -power (0.5: PCA-whitening)
 
 
 @dataclass(frozen=True)
@@ -188,8 +189,8 @@ def evaluate_corpus(
     """
     n = len(corpus.labels)
     features, query_features = corpus.features, corpus.query_features
-    if settings.whiten:
-        whitening = learn_whitening(features, settings.whiten_dim)
+    if settings.pca:
+        whitening = learn_whitening(features, settings.pca_dim, settings.whiten_power)
         features = apply_whitening(whitening, features)
         query_features = apply_whitening(whitening, query_features)
     if choose is None:

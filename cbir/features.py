@@ -1,10 +1,11 @@
-"""Descriptor post-processing that needs no model: PCA-whitening and query expansion. Pure numpy.
+"""Descriptor post-processing that needs no model: PCA(-whitening) and query expansion. Numpy only.
 
-PCA-whitening is learned on a database's own descriptors (no labels): centre, rotate onto the
-principal axes, scale every axis to unit variance, optionally keep only the first `dim` axes,
-L2-normalise again. Frequent, correlated directions (a white background, a common texture) then
-weigh less in the cosine. The learned mean (d,) and projection (dim, d) are plain float32 arrays,
-so a database can store them and apply them to its queries.
+The PCA is learned on a database's own descriptors (no labels): centre, rotate onto the principal
+axes, optionally keep only the first `dim` axes, scale axis i by variance_i ** -power, and
+L2-normalise again. power 0.5 is classic PCA-whitening (every axis gets unit variance, so
+frequent, correlated directions weigh less); power 0 only centres, rotates and reduces. The
+learned mean (d,) and projection (dim, d) are plain float32 arrays, so a database can store them
+and apply them to its queries.
 
 Query expansion (average query expansion, AQE): average the query with its top-m results,
 renormalise, search again; results that agree with each other pull the query towards them.
@@ -33,25 +34,28 @@ class Whitening:
 
 
 def learn_whitening(
-    features: npt.NDArray[np.float32], dim: int | None = None, shrinkage: float = DEFAULT_SHRINKAGE
+    features: npt.NDArray[np.float32],
+    dim: int | None = None,
+    power: float = 0.5,
+    shrinkage: float = DEFAULT_SHRINKAGE,
 ) -> Whitening:
-    """PCA-whitening of `features` (n, d), keeping `dim` axes (None: every axis with variance).
+    """PCA of `features` (n, d) keeping `dim` axes (None: every axis with variance), each axis
+    scaled by (variance + shrinkage * mean variance) ** -power.
 
     A database of n images has at most n - 1 axes with variance, and the last of them are noise:
-    each eigenvalue is raised by `shrinkage` times the mean eigenvalue before it is inverted, so
-    those axes are damped rather than blown up (0 gives plain whitening).
+    `shrinkage` damps them rather than blowing them up when power > 0.
     """
     x = np.asarray(features, np.float64)
-    n, d = x.shape
+    n = len(x)
     if n < 2:
-        raise ValueError("whitening needs at least 2 descriptors")
+        raise ValueError("PCA needs at least 2 descriptors")
     mean = x.mean(axis=0)
     _, singular, axes = np.linalg.svd(x - mean, full_matrices=False)  # axes: (min(n, d), d)
     variances = singular**2 / (n - 1)
     rank = int(np.sum(variances > variances[0] * 1e-10))
     keep = rank if dim is None else min(dim, rank)
     variances, axes = variances[:keep], axes[:keep]
-    scale = 1.0 / np.sqrt(variances + shrinkage * variances.mean())
+    scale = (variances + shrinkage * variances.mean()) ** -power
     return Whitening(mean.astype(np.float32), (axes * scale[:, None]).astype(np.float32))
 
 

@@ -26,6 +26,7 @@ import numpy.typing as npt
 
 from cbir import __version__
 from cbir.errors import CbirError, WeightsMissing
+from cbir.hashing import file_sha256
 
 POOLINGS = ("gap", "gem")
 GEM_P = 3.0
@@ -110,14 +111,6 @@ def _missing_weights_message(backbone: Backbone, why: str) -> str:
         f"{keras_cache_dir()}: copy it there from a machine with network access, or pass "
         f"--weights FILE, or use --model {EMBEDDED_BACKBONE}, whose weights ship with cbir"
     )
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import hashlib
 import io
 import json
 import os
@@ -41,6 +40,7 @@ import numpy.typing as npt
 
 from cbir import categories
 from cbir.errors import CbirError, DatabaseError, DatabaseLocked
+from cbir.hashing import file_sha256, image_id_of
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "cbir-db.json"
@@ -95,10 +95,6 @@ class NewImage:
     @property
     def image_id(self) -> int:
         return image_id_of(self.sha256)
-
-
-def image_id_of(sha256_hex: str) -> int:
-    return int.from_bytes(bytes.fromhex(sha256_hex[:16]), "big", signed=True)
 
 
 @dataclass
@@ -649,7 +645,7 @@ class _Checker:
                 if image_id not in catalog.images:
                     if not stored.is_file():
                         continue
-                    sha = _file_sha256(stored)
+                    sha = file_sha256(stored)
                     if image_id_of(sha) != image_id:
                         continue
                     catalog.images[image_id] = ImageRecord(sha, str(file), (), ())
@@ -690,14 +686,6 @@ class _Checker:
             ))  # fmt: skip
         w._commit_catalog()
         w.repair()
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _committed_rows(path: Path, dim: int, committed: npt.NDArray[np.int64]) -> CategoryRows:
