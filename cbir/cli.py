@@ -249,7 +249,7 @@ def _index_options(args: argparse.Namespace):  # noqa: ANN202
         backbone=args.model, weights=args.weights, top_k=args.top_k, link=args.link,
         pooling=args.pooling, engine=args.engine, precision=args.precision,
         batch_size=args.batch_size, max_megapixels=args.max_megapixels, wait=args.wait,
-        commit_every=max(1, args.commit_every),
+        commit_every=None if args.commit_every is None else max(1, args.commit_every),
     )  # fmt: skip
 
 

@@ -192,7 +192,17 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def _save_npz(path: Path, **arrays: np.ndarray) -> None:
-    _write_atomic(path, lambda f: np.savez_compressed(f, **arrays))
+    """A compressed .npz, as numpy.savez_compressed writes it but at zlib level 1: float
+    features barely compress, and level 1 is about 3x faster than the default level 6 for a
+    file within a few percent of the same size."""
+
+    def write(f: io.BufferedWriter) -> None:
+        with zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as npz:
+            for name, array in arrays.items():
+                with npz.open(f"{name}.npy", "w", force_zip64=True) as member:
+                    np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
+
+    _write_atomic(path, write)
 
 
 class Database:
