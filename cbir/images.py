@@ -45,7 +45,8 @@ def is_image_name(path: Path) -> bool:
 def find_images(paths: Iterable[Path], exclude: Path | None = None) -> Iterator[Path | BadImage]:
     """Image files under `paths` (files or folders, walked recursively, sorted).
 
-    Hidden folders and files with unknown extensions are passed over silently; hidden image
+    Symbolic links to folders are followed (each folder once). Hidden folders and files with
+    unknown extensions are passed over silently; hidden image
     files and macOS AppleDouble files (`._*`) are yielded as `BadImage` so the caller can report
     them. `exclude` (the database itself, when it sits inside the source folder) is not walked.
     """
@@ -56,8 +57,14 @@ def find_images(paths: Iterable[Path], exclude: Path | None = None) -> Iterator[
         if not root.is_dir():
             yield BadImage(root, "no such file or folder")
             continue
-        for dirpath, dirnames, filenames in os.walk(root):
+        visited: set[tuple[int, int]] = set()  # symbolic links are followed, loops are not
+        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
             current = Path(dirpath)
+            stat = current.stat()
+            if (stat.st_dev, stat.st_ino) in visited:
+                dirnames[:] = []
+                continue
+            visited.add((stat.st_dev, stat.st_ino))
             dirnames[:] = sorted(
                 d
                 for d in dirnames

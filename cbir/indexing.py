@@ -116,6 +116,53 @@ def _skip(report: IndexReport, callbacks: Callbacks, bad: BadImage) -> None:
     callbacks.on_skip(bad)
 
 
+class _Committer:
+    """Commits chunks of described images on a background thread, so that copying images and
+    rewriting category files overlap with inference; at most one chunk is in flight."""
+
+    def __init__(self, writer: Writer, commit_every: int | None) -> None:
+        self.writer, self.commit_every = writer, commit_every
+        self.images: list[NewImage] = []
+        self.paths: list[tuple[str, str, int, int]] = []  # (path, sha256, size, mtime_ns)
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="cbir-commit")
+        self._in_flight: Future[None] | None = None
+        self._last = time.perf_counter()
+        self._seconds = 0.0  # how long the last commit took
+
+    def due(self) -> bool:
+        """Exactly every `commit_every` images when set; by default every 1024 images or
+        minute, but spending at most ~20 % of the time on commits (each one rewrites the
+        touched category files, which grow with the database)."""
+        if self.commit_every is not None:
+            return len(self.images) >= self.commit_every
+        since = time.perf_counter() - self._last
+        if since < 4 * self._seconds:
+            return False
+        return len(self.images) >= COMMIT_EVERY_IMAGES or since > COMMIT_EVERY_SECONDS
+
+    def commit(self) -> None:
+        self.wait()
+        images, paths = self.images, self.paths
+        self.images, self.paths = [], []
+        self._last = time.perf_counter()
+        self._in_flight = self._pool.submit(self._store, images, paths)
+
+    def _store(self, images: list[NewImage], paths: list[tuple[str, str, int, int]]) -> None:
+        started = time.perf_counter()
+        self.writer.add_images(images)
+        self.writer.add_paths(paths)
+        self._seconds = time.perf_counter() - started
+
+    def wait(self) -> None:
+        if self._in_flight is not None:
+            self._in_flight.result()  # re-raises the commit's error here
+            self._in_flight = None
+
+    def close(self) -> None:
+        """Let a commit in flight finish (also on errors and Ctrl-C), then stop the thread."""
+        self._pool.shutdown(wait=True)
+
+
 def _describe_and_store(
     writer: Writer,
     todo: list[tuple[Path, os.stat_result]],
@@ -127,33 +174,9 @@ def _describe_and_store(
     model: Model | None = None
     size = get_backbone(options.backbone).input_size
     advance = callbacks.progress(len(todo))
-    pending: list[NewImage] = []
-    pending_paths: list[tuple[str, str, int, int]] = []
     seen_in_run: set[str] = set()
-    last_commit = time.perf_counter()
-    commit_seconds = 0.0  # how long the last commit took
     n_before = len(writer.catalog.images)
-
-    def commit() -> None:
-        nonlocal last_commit, commit_seconds
-        started = time.perf_counter()
-        writer.add_images(pending)
-        writer.add_paths(pending_paths)
-        pending.clear()
-        pending_paths.clear()
-        last_commit = time.perf_counter()
-        commit_seconds = last_commit - started
-
-    def commit_due() -> bool:
-        """Exactly every `commit_every` images when set; by default every 1024 images or
-        minute, but spending at most ~20 % of the time on commits (each one rewrites the
-        touched category files, which grow with the database)."""
-        if options.commit_every is not None:
-            return len(pending) >= options.commit_every
-        since = time.perf_counter() - last_commit
-        if since < 4 * commit_seconds:
-            return False
-        return len(pending) >= COMMIT_EVERY_IMAGES or since > COMMIT_EVERY_SECONDS
+    committer = _Committer(writer, options.commit_every)
 
     def prepare(path: Path, stat: os.stat_result) -> _Prepared:
         try:
@@ -166,33 +189,39 @@ def _describe_and_store(
         pixels = load_image(path, size, data=data, max_megapixels=options.max_megapixels)
         return _Prepared(path, sha, stat.st_size, stat.st_mtime_ns, pixels)
 
-    batch: list[_Prepared] = []
-    for result in _prefetch(prepare, todo, window=2 * options.batch_size + 8):
-        if isinstance(result, BadImage):
-            _skip(report, callbacks, result)
-            advance(1)
-            continue
-        if result.pixels is None or result.sha256 in seen_in_run:
-            pending_paths.append((str(result.path), result.sha256, result.size, result.mtime_ns))
-            report.new_paths += 1
-            advance(1)
-            continue
-        seen_in_run.add(result.sha256)
-        batch.append(result)
-        if len(batch) == options.batch_size:
-            model = model or _load(options)
-            pending.extend(_describe(model, batch, options.top_k, options.pooling))
-            report.indexed += len(batch)
-            advance(len(batch))
-            batch = []
-            if commit_due():
-                commit()
-    if batch:
+    def describe(batch: list[_Prepared]) -> None:
+        nonlocal model
         model = model or _load(options)
-        pending.extend(_describe(model, batch, options.top_k, options.pooling))
+        committer.images.extend(_describe(model, batch, options.top_k, options.pooling))
         report.indexed += len(batch)
         advance(len(batch))
-    commit()
+
+    batch: list[_Prepared] = []
+    try:
+        for result in _prefetch(prepare, todo, window=2 * options.batch_size + 8):
+            if isinstance(result, BadImage):
+                _skip(report, callbacks, result)
+                advance(1)
+                continue
+            if result.pixels is None or result.sha256 in seen_in_run:
+                entry = (str(result.path), result.sha256, result.size, result.mtime_ns)
+                committer.paths.append(entry)
+                report.new_paths += 1
+                advance(1)
+                continue
+            seen_in_run.add(result.sha256)
+            batch.append(result)
+            if len(batch) == options.batch_size:
+                describe(batch)
+                batch = []
+                if committer.due():
+                    committer.commit()
+        if batch:
+            describe(batch)
+        committer.commit()
+        committer.wait()
+    finally:
+        committer.close()
     report.removed = n_before + report.indexed - len(writer.catalog.images)
     report.seconds_describing = time.perf_counter() - start
 
