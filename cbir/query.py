@@ -108,11 +108,11 @@ def _search(
         gating = choose_categories(probs, wnids, available, k, options.min_candidates)
     rows = db.read_categories(gating.wnids)
     best, scores = top_matches(feature, rows.features, options.n_results)
-    records = db.catalog.images
+    index = db.index()
     hits = []
     for i, score in zip(best, scores, strict=True):
         image_id = int(rows.ids[i])
-        stored_in = records[image_id].wnids
+        stored_in = index.wnids_of(image_id)
         stored_path = db.category_dir(stored_in[0]) / str(rows.files[i])
         hits.append(Hit(str(rows.paths[i]), float(score), image_id, stored_in, stored_path))
     return QueryResult(path, own, gating, len(rows), tuple(hits))

@@ -205,6 +205,23 @@ def _save_npz(path: Path, **arrays: np.ndarray) -> None:
     _write_atomic(path, write)
 
 
+@dataclass(frozen=True)
+class CatalogIndex:
+    """What queries need from the catalog, as arrays (no per-image Python objects)."""
+
+    ids: npt.NDArray[np.int64]  # (n,) committed image ids, sorted
+    wnids: npt.NDArray[np.str_]  # (n, k) each image's categories, most probable first
+
+    def sizes(self) -> dict[str, int]:
+        """wnid -> number of images stored in that category."""
+        names, counts = np.unique(self.wnids[self.wnids != ""], return_counts=True)
+        return dict(zip(names.tolist(), counts.tolist(), strict=True))
+
+    def wnids_of(self, image_id: int) -> tuple[str, ...]:
+        row = self.wnids[np.searchsorted(self.ids, image_id)]
+        return tuple(w for w in row.tolist() if w)
+
+
 class Database:
     """Read access to a database: manifest, catalog and category files."""
 
@@ -212,6 +229,7 @@ class Database:
         self.db_dir = db_dir
         self.manifest = manifest
         self._catalog: Catalog | None = None
+        self._index: CatalogIndex | None = None
 
     @property
     def settings(self) -> Settings:
@@ -230,17 +248,29 @@ class Database:
     def category_dir(self, wnid: str) -> Path:
         return self.db_dir / categories.folder_name(wnid)
 
+    def index(self) -> CatalogIndex:
+        """The catalog's ids and categories, read once (two arrays of catalog.npz)."""
+        if self._index is None:
+            path = self.db_dir / CATALOG_NAME
+            if path.exists():
+                arrays = _load_npz(path, ("ids", "wnids"))
+                self._index = CatalogIndex(arrays["ids"], arrays["wnids"])
+            else:
+                self._index = CatalogIndex(np.zeros(0, np.int64), np.zeros((0, 1), "U9"))
+        return self._index
+
+    def n_paths(self) -> int:
+        """How many source paths point at the database's images (>= the number of images)."""
+        path = self.db_dir / CATALOG_NAME
+        return len(_load_npz(path, ("path_ids",))["path_ids"]) if path.exists() else 0
+
     def category_sizes(self) -> dict[str, int]:
         """wnid -> number of committed images in it, from the catalog (no category file read)."""
-        sizes: dict[str, int] = {}
-        for rec in self.catalog.images.values():
-            for wnid in rec.wnids:
-                sizes[wnid] = sizes.get(wnid, 0) + 1
-        return sizes
+        return self.index().sizes()
 
     def committed_ids(self) -> npt.NDArray[np.int64]:
         """(n,) ids of the images the catalog lists, sorted."""
-        return np.sort(np.fromiter(self.catalog.images, np.int64, len(self.catalog.images)))
+        return self.index().ids
 
     def read_category(
         self, wnid: str, committed: npt.NDArray[np.int64] | None = None
@@ -250,7 +280,7 @@ class Database:
         try:
             rows = read_category_file(path, self.settings.feature_dim)
         except FileNotFoundError:
-            if any(wnid in rec.wnids for rec in self.catalog.images.values()):
+            if wnid in self.category_sizes():
                 raise DatabaseError(
                     f"{path} is missing but the catalog lists images in it; "
                     "run 'cbir check --repair'"
@@ -393,6 +423,13 @@ class Writer(Database):
     def __init__(self, db_dir: Path, manifest: Manifest) -> None:
         super().__init__(db_dir, manifest)
         self._pending_removals: set[str] = set()  # categories that may hold removed images
+
+    def index(self) -> CatalogIndex:
+        """Built from the catalog in memory, which this writer changes."""
+        ids = np.sort(np.fromiter(self.catalog.images, np.int64, len(self.catalog.images)))
+        k = self.settings.top_k
+        wnids = [_pad(self.catalog.images[i].wnids, k, "") for i in ids.tolist()]
+        return CatalogIndex(ids, np.array(wnids, "U9").reshape(len(ids), k))
 
     # -- adding -----------------------------------------------------------------------------
 
