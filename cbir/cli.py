@@ -393,8 +393,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         "db": str(args.db_dir), "backbone": s.backbone, "weights": s.weights,
         "feature_dim": s.feature_dim, "pooling": s.pooling, "top_k": s.top_k, "link": s.link,
         "format_version": db.manifest.format_version, "created": db.manifest.created,
-        "updated": db.manifest.updated, "images": len(db.catalog.images),
-        "paths": len(db.catalog.paths), "disk_bytes": db.disk_bytes(),
+        "updated": db.manifest.updated, "images": len(db.committed_ids()),
+        "paths": db.n_paths(), "disk_bytes": db.disk_bytes(),
         "categories": [{"id": w, "name": categories.names_by_wnid()[w], "images": n}
                        for w, n in sizes],
     }  # fmt: skip
