@@ -210,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         metavar="M",
-        help="also average each query with its top M results and search again (default: 0)",
+        help="average each query with its top M results and search again (default: 0, off)",
     )
     p.add_argument(
         "--pca",
@@ -392,6 +392,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     info = {
         "db": str(args.db_dir), "backbone": s.backbone, "weights": s.weights,
         "feature_dim": s.feature_dim, "pooling": s.pooling, "top_k": s.top_k, "link": s.link,
+        "engine": s.engine, "precision": s.precision,
         "format_version": db.manifest.format_version, "created": db.manifest.created,
         "updated": db.manifest.updated, "images": len(db.committed_ids()),
         "paths": db.n_paths(), "disk_bytes": db.disk_bytes(),
@@ -401,7 +402,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, ensure_ascii=False))
         return 0
-    for key in ("db", "backbone", "weights", "feature_dim", "pooling", "top_k", "link",
+    for key in ("db", "backbone", "weights", "feature_dim", "pooling", "top_k", "link", "engine",
+                "precision",
                 "format_version", "created", "updated", "images", "paths"):  # fmt: skip
         print(f"{key:>14}: {info[key]}")
     print(f"{'disk':>14}: {info['disk_bytes'] / 1e6:.1f} MB")

@@ -191,7 +191,9 @@ def _describe_and_store(
 
     def describe(batch: list[_Prepared]) -> None:
         nonlocal model
-        model = model or _load(options)
+        if model is None:
+            model = _load(options)
+            writer.record_engine(model.engine, model.precision)
         committer.images.extend(_describe(model, batch, options.top_k, options.pooling))
         report.indexed += len(batch)
         advance(len(batch))

@@ -49,22 +49,35 @@ def install(point: str, nth: int) -> None:
         store.shutil.copyfile = copyfile
         return
 
-    real_write = store._write_atomic
-    names = {"features": store.FEATURES_NAME, "catalog": store.CATALOG_NAME,
-             "manifest": store.MANIFEST_NAME}  # fmt: skip
+    if point == "manifest":
+        real_write = store._write_atomic
 
-    def write_atomic(path: Path, write) -> None:  # noqa: ANN001
-        if path.name == names[point] and due():
-            if point == "manifest":
+        def write_atomic(path: Path, write) -> None:  # noqa: ANN001
+            if path.name == store.MANIFEST_NAME and due():
                 die()
+            real_write(path, write)
+
+        store._write_atomic = write_atomic
+        return
+
+    real_npz_writer = store._npz_writer
+
+    def npz_writer(**arrays):  # noqa: ANN003, ANN202
+        write = real_npz_writer(**arrays)
+        kind = "catalog" if "sha256" in arrays else "features"
+        if kind != point or not due():
+            return write
+
+        def write_half_then_die(f) -> None:  # noqa: ANN001
             buffer = io.BytesIO()
             write(buffer)
-            tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-            tmp.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+            f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+            f.flush()
             die()
-        real_write(path, write)
 
-    store._write_atomic = write_atomic
+        return write_half_then_die
+
+    store._npz_writer = npz_writer
 
 
 if __name__ == "__main__":
