@@ -135,6 +135,8 @@ class _Committer:
         touched category files, which grow with the database)."""
         if self.commit_every is not None:
             return len(self.images) >= self.commit_every
+        if len(self.images) >= 4 * COMMIT_EVERY_IMAGES:
+            return True  # bounds memory whatever the commits cost
         since = time.perf_counter() - self._last
         if since < 4 * self._seconds:
             return False

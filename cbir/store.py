@@ -29,6 +29,7 @@ import io
 import json
 import os
 import shutil
+import sys
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
@@ -97,7 +98,7 @@ class NewImage:
         return image_id_of(self.sha256)
 
 
-@dataclass
+@dataclass(slots=True)
 class ImageRecord:
     sha256: str
     stored_name: str
@@ -105,7 +106,7 @@ class ImageRecord:
     probs: tuple[float, ...]
 
 
-@dataclass
+@dataclass(slots=True)
 class PathRecord:
     image_id: int
     size: int
@@ -376,7 +377,9 @@ def read_catalog(db_dir: Path) -> Catalog:
              "path_strings", "path_ids", "path_sizes", "path_mtimes")  # fmt: skip
     a = _load_npz(path, names)
     images = {
-        int(i): ImageRecord(str(h), str(s), tuple(str(w) for w in ws), tuple(float(p) for p in ps))
+        int(i): ImageRecord(
+            str(h), str(s), tuple(sys.intern(w) for w in ws.tolist()), tuple(ps.tolist())
+        )
         for i, h, s, ws, ps in zip(
             a["ids"], a["sha256"], a["stored_names"], a["wnids"], a["probs"], strict=True
         )
