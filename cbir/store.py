@@ -191,12 +191,14 @@ def _write_atomic(path: Path, write: Writing) -> None:
     _fsync_dir(path.parent)
 
 
-def _write_many_atomic(files: dict[Path, Writing]) -> None:
+def _write_many_atomic(files: Iterable[tuple[Path, Writing]]) -> None:
     """`_write_atomic` for many files with two syncs in all instead of two fsyncs per file:
-    every temporary file is written, synced to disk, renamed, and the renames synced."""
-    tmp_paths = {path: _tmp_name(path) for path in files}
+    every temporary file is written, synced to disk, renamed, and the renames synced.
+    `files` is consumed lazily, so only one file's content needs to be in memory at a time."""
+    tmp_paths: dict[Path, Path] = {}
     try:
-        for path, write in files.items():
+        for path, write in files:
+            tmp_paths[path] = _tmp_name(path)
             with open(tmp_paths[path], "wb") as f:
                 write(f)
         os.sync()
@@ -514,18 +516,20 @@ class Writer(Database):
                 by_wnid.setdefault(wnid, []).append(img)
                 self._place(img.source_path, self.category_dir(wnid) / name)
         committed = self.committed_ids()
-        writes: dict[Path, Writing] = {}
-        for wnid, imgs in sorted(by_wnid.items()):
-            path = self.category_dir(wnid) / FEATURES_NAME
-            old = _committed_rows(path, self.settings.feature_dim, committed)
-            added = CategoryRows(
-                np.array([i.image_id for i in imgs], np.int64),
-                np.array([str(i.source_path) for i in imgs], np.str_),
-                np.array([stored_name(i.source_path, i.sha256) for i in imgs], np.str_),
-                np.stack([i.feature for i in imgs]).astype(np.float32).reshape(len(imgs), dim),
-            )
-            writes[path] = _category_writer(_concat(old, added))
-        _write_many_atomic(writes)  # its first sync also makes the stored copies durable
+
+        def category_files() -> Iterator[tuple[Path, Writing]]:
+            for wnid, imgs in sorted(by_wnid.items()):
+                path = self.category_dir(wnid) / FEATURES_NAME
+                old = _committed_rows(path, dim, committed)
+                added = CategoryRows(
+                    np.array([i.image_id for i in imgs], np.int64),
+                    np.array([str(i.source_path) for i in imgs], np.str_),
+                    np.array([stored_name(i.source_path, i.sha256) for i in imgs], np.str_),
+                    np.stack([i.feature for i in imgs]).astype(np.float32).reshape(len(imgs), dim),
+                )
+                yield path, _category_writer(_concat(old, added))
+
+        _write_many_atomic(category_files())  # its first sync also makes the copies durable
         for img in new:
             name = stored_name(img.source_path, img.sha256)
             self.catalog.images[img.image_id] = ImageRecord(img.sha256, name, img.wnids, img.probs)
