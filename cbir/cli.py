@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     from cbir.images import DEFAULT_MAX_MEGAPIXELS
     from cbir.indexing import COMMIT_EVERY_IMAGES, DEFAULT_BATCH_SIZE
     from cbir.model import BACKBONES, DEFAULT_BACKBONE, ENGINES, POOLINGS, PRECISIONS
-    from cbir.search import DEFAULT_MIN_CANDIDATES
+    from cbir.search import DEFAULT_MIN_CANDIDATES, DEFAULT_QUERY_EXPANSION
     from cbir.store import LINK_MODES
 
     parser = argparse.ArgumentParser(
@@ -167,6 +167,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_MIN_CANDIDATES,
         help="widen the searched categories until they hold this many images",
     )
+    p.add_argument(
+        "--query-expansion",
+        type=int,
+        default=DEFAULT_QUERY_EXPANSION,
+        metavar="M",
+        help="re-rank by the query averaged with its top M results (0: off)",
+    )
     model_options(p, None)
     engine_options(p)
     p.set_defaults(handler=cmd_query)
@@ -208,9 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--query-expansion",
         type=int,
-        default=0,
+        default=DEFAULT_QUERY_EXPANSION,
         metavar="M",
-        help="average each query with its top M results and search again (default: 0, off)",
+        help="average each query with its top M results and search again (0: off)",
     )
     p.add_argument(
         "--pca",
@@ -337,6 +344,7 @@ def cmd_query(args: argparse.Namespace) -> int:
     options = QueryOptions(
         n_results=args.n_results, search_all=args.search_all,
         min_candidates=args.min_candidates, engine=args.engine, precision=args.precision,
+        query_expansion=max(0, args.query_expansion),
     )  # fmt: skip
     db, model = open_for_query(args.db_dir, options, args.model, args.weights)
     outcomes = run_queries(db, model, args.images, options)

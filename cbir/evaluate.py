@@ -30,14 +30,15 @@ import numpy.typing as npt
 
 from cbir import categories
 from cbir.errors import BadImage, CbirError
-from cbir.features import apply_whitening, expand_query, learn_whitening
-from cbir.search import DEFAULT_MIN_CANDIDATES, choose_categories
+from cbir.features import apply_whitening, expanded_order, learn_whitening
+from cbir.search import DEFAULT_MIN_CANDIDATES, DEFAULT_QUERY_EXPANSION, choose_categories
 
 TOP = 10  # depth of P@10, R@10 and the gating recall
 BATCH = 32  # images per forward pass when the queries are described
 
-# A gating rule: (query probs (1000,), available images per category) -> categories to search.
-ChooseCategories = Callable[[npt.NDArray[np.float32], Mapping[str, int]], Sequence[str]]
+# A gating rule: (query number q, an index into Corpus.queries; images per category, the query's
+# own row left out) -> the categories to search.
+ChooseCategories = Callable[[int, Mapping[str, npt.NDArray[np.int64]]], Sequence[str]]
 
 
 # -- metrics: pure functions of one ranking ---------------------------------------------------
@@ -95,7 +96,7 @@ class SearchSettings:
 
     top_k: int = 4  # the query's own categories (a database's top_k)
     min_candidates: int = DEFAULT_MIN_CANDIDATES
-    query_expansion: int = 0  # m: average the query with its top-m results, search again
+    query_expansion: int = DEFAULT_QUERY_EXPANSION  # m: expand with the top m, re-rank the rest
     qe_alpha: float = 0.0  # weigh expansion rows by score**alpha (0: plain average)
     pca: bool = False  # project onto a PCA learned on the corpus's own rows (cbir.features)
     pca_dim: int | None = None  # keep this many axes (None: all)
@@ -181,7 +182,8 @@ class _Tally:
 def evaluate_corpus(
     corpus: Corpus, settings: SearchSettings, choose: ChooseCategories | None = None
 ) -> Evaluation:
-    """Run every query gated and exhaustively, exactly as `cbir query` ranks a database.
+    """Run every query gated and exhaustively, ranked as `cbir query` ranks a database (plus
+    the optional PCA and query expansion of the settings).
 
     Gating uses `choose` (default: cbir.search.choose_categories with the settings' top_k and
     min_candidates) over category sizes that leave the query's own row out, as if the query
@@ -196,7 +198,8 @@ def evaluate_corpus(
     if choose is None:
         wnids = categories.wnids()
 
-        def choose(probs: npt.NDArray[np.float32], available: Mapping[str, int]) -> Sequence[str]:
+        def choose(q: int, available: Mapping[str, npt.NDArray[np.int64]]) -> Sequence[str]:
+            probs = corpus.query_probs[q]
             return choose_categories(
                 probs, wnids, available, settings.top_k, settings.min_candidates
             ).wnids
@@ -207,7 +210,6 @@ def evaluate_corpus(
             if wnid:
                 rows_of.setdefault(wnid, []).append(row)
     members = {w: np.array(r, np.int64) for w, r in rows_of.items()}
-    sizes = {w: len(r) for w, r in members.items()}
     labels = np.array([label or "" for label in corpus.labels], dtype=object)
     gated, exhaustive = _Tally.new(), _Tally.new()
     n_labels = len({label for label in corpus.labels if label is not None})
@@ -223,13 +225,13 @@ def evaluate_corpus(
         everything = np.ones(n, bool)
         everything[row] = False
         exhaustive.add(_rank(query, features, everything, settings), relevant, n - 1)
-        available = dict(sizes)
+        available = dict(members)  # as if the query were not in the database
         for wnid in set(corpus.memberships[row]) - {""}:
-            available[wnid] -= 1
-            if available[wnid] == 0:
+            available[wnid] = members[wnid][members[wnid] != row]
+            if not len(available[wnid]):
                 del available[wnid]
         searched = np.zeros(n, bool)
-        for wnid in choose(corpus.query_probs[i], available):
+        for wnid in choose(i, available):
             searched[members[wnid]] = True
         searched[row] = False
         gated.add(_rank(query, features, searched, settings), relevant, int(searched.sum()))
@@ -250,17 +252,9 @@ def _rank(
     searched: npt.NDArray[np.bool_],
     settings: SearchSettings,
 ) -> npt.NDArray[np.int64]:
-    """All searched rows (mask (n,)), best first by cosine; with query expansion, re-ranked by
-    the expanded query."""
+    """All searched rows (mask (n,)), best first by cosine, or with query expansion."""
     rows = np.flatnonzero(searched)
-    candidates = features[rows]
-    scores = candidates @ query
-    order = np.argsort(-scores, kind="stable")
-    m = settings.query_expansion
-    if m > 0 and len(order):
-        top = order[:m]
-        expanded = expand_query(query, candidates[top], scores[top], settings.qe_alpha)
-        order = np.argsort(-(candidates @ expanded), kind="stable")
+    order = expanded_order(query, features[rows], settings.query_expansion, settings.qe_alpha)
     return rows[order]
 
 

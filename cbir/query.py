@@ -11,7 +11,13 @@ from cbir import categories
 from cbir.errors import BadImage, CbirError
 from cbir.images import load_image
 from cbir.model import Model, get_backbone, load_model, resolve_weights
-from cbir.search import DEFAULT_MIN_CANDIDATES, Gating, choose_categories, top_matches
+from cbir.search import (
+    DEFAULT_MIN_CANDIDATES,
+    DEFAULT_QUERY_EXPANSION,
+    Gating,
+    choose_categories,
+    top_matches,
+)
 from cbir.store import Database, check_compatible
 
 
@@ -45,6 +51,7 @@ class QueryOptions:
     n_results: int = 10
     search_all: bool = False
     min_candidates: int = DEFAULT_MIN_CANDIDATES
+    query_expansion: int = DEFAULT_QUERY_EXPANSION
     engine: str = "auto"
     precision: str = "auto"
 
@@ -82,10 +89,10 @@ def run_queries(
             outcome[path] = bad
     if loaded:
         described = model.describe(np.stack([pixels for _, pixels in loaded]))
-        available = db.category_sizes()
+        members = db.index().members()
         for i, (path, _) in enumerate(loaded):
             feature = described.features[db.settings.pooling][i]
-            outcome[path] = _search(db, path, described.probs[i], feature, available, options)
+            outcome[path] = _search(db, path, described.probs[i], feature, members, options)
     return [outcome[p] for p in query_paths]
 
 
@@ -94,7 +101,7 @@ def _search(
     path: Path,
     probs: np.ndarray,
     feature: np.ndarray,
-    available: dict[str, int],
+    members: dict[str, np.ndarray],
     options: QueryOptions,
 ) -> QueryResult:
     wnids = categories.wnids()
@@ -103,11 +110,11 @@ def _search(
     top = np.argsort(-probs)[:k]
     own = tuple(Category(wnids[j], names[wnids[j]], float(probs[j])) for j in top)
     if options.search_all:
-        gating = Gating(tuple(sorted(available)), fell_back=False, widened=False)
+        gating = Gating(tuple(sorted(members)), fell_back=False, widened=False)
     else:
-        gating = choose_categories(probs, wnids, available, k, options.min_candidates)
+        gating = choose_categories(probs, wnids, members, k, options.min_candidates)
     rows = db.read_categories(gating.wnids)
-    best, scores = top_matches(feature, rows.features, options.n_results)
+    best, scores = top_matches(feature, rows.features, options.n_results, options.query_expansion)
     index = db.index()
     hits = []
     for i, score in zip(best, scores, strict=True):

@@ -249,6 +249,19 @@ class CatalogIndex:
         names, counts = np.unique(self.wnids[self.wnids != ""], return_counts=True)
         return dict(zip(names.tolist(), counts.tolist(), strict=True))
 
+    def members(self) -> dict[str, npt.NDArray[np.int64]]:
+        """wnid -> (m,) ids of the images stored in that category."""
+        flat = self.wnids.reshape(-1)
+        owners = np.repeat(self.ids, self.wnids.shape[1])
+        keep = flat != ""
+        flat, owners = flat[keep], owners[keep]
+        if not len(flat):
+            return {}
+        order = np.argsort(flat, kind="stable")
+        names, starts = np.unique(flat[order], return_index=True)
+        groups = np.split(owners[order], starts[1:])
+        return dict(zip(names.tolist(), groups, strict=True))
+
     def wnids_of(self, image_id: int) -> tuple[str, ...]:
         row = self.wnids[np.searchsorted(self.ids, image_id)]
         return tuple(w for w in row.tolist() if w)

@@ -1,0 +1,215 @@
+"""Retrieval metrics against hand-computed cases; `cbir evaluate` against a brute-force ranking."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from cbir import categories
+from cbir.evaluate import (
+    Corpus,
+    SearchSettings,
+    average_precision,
+    evaluate_corpus,
+    labels_from_csv,
+    mean_average_precision,
+    precision_at,
+    recall_at,
+)
+from cbir.features import apply_whitening, expand_query, expanded_order, learn_whitening
+from tests.conftest import EVALDATA, TESTDATA, needs_shared
+
+# -- metrics by hand -----------------------------------------------------------------------
+
+
+def test_average_precision_of_a_known_ranking():
+    ranking = [True, False, True, False, False]  # relevant at ranks 1 and 3, 3 in the database
+    assert average_precision(ranking, 3) == pytest.approx((1 / 1 + 2 / 3) / 3)
+    assert average_precision([False, True], 1) == pytest.approx(1 / 2)
+    assert average_precision([False, False], 2) == 0.0  # nothing relevant returned
+    assert average_precision([True, True], 2) == 1.0
+
+
+def test_average_precision_refuses_impossible_input():
+    with pytest.raises(ValueError):
+        average_precision([True], 0)
+    with pytest.raises(ValueError):
+        average_precision([True, True], 1)
+
+
+def test_precision_recall_and_map_of_known_rankings():
+    ranking = [True, False, True, False, False]
+    assert precision_at(ranking, 1) == 1.0
+    assert precision_at(ranking, 5) == pytest.approx(2 / 5)
+    assert precision_at(ranking, 10) == pytest.approx(2 / 10)  # a short ranking is penalised
+    assert recall_at(ranking, 5, 3) == pytest.approx(2 / 3)
+    assert recall_at(ranking, 1, 3) == pytest.approx(1 / 3)
+    expected = ((1 + 2 / 3) / 3 + 1 / 2) / 2
+    assert mean_average_precision([ranking, [False, True]], [3, 1]) == pytest.approx(expected)
+
+
+# -- the evaluation of a hand-made database ------------------------------------------------
+
+
+def _toy_corpus(queries: list[int]) -> Corpus:
+    """Five rows on the unit circle at 0, 10, 20, 90 and 100 degrees, labels A B A A B; rows
+    0, 1, 3 are stored in category c0, rows 2, 4 in c1; each query prefers its own category."""
+    angles = np.radians([0.0, 10.0, 20.0, 90.0, 100.0])
+    features = np.zeros((5, 8), np.float32)
+    features[:, 0], features[:, 1] = np.cos(angles), np.sin(angles)
+    wnids = categories.wnids()
+    c0, c1 = wnids[0], wnids[1]
+    memberships = [(c0,), (c0,), (c1,), (c0,), (c1,)]
+    probs = np.full((5, 1000), 0.1 / 998, np.float32)
+    for row, (own,) in enumerate(memberships):
+        probs[row, wnids.index(own)] = 0.7
+        probs[row, wnids.index(c1 if own == c0 else c0)] = 0.2
+    rows = np.array(queries, np.int64)
+    labels: list[str | None] = ["A", "B", "A", "A", "B"]
+    return Corpus(labels, features, memberships, rows, features[rows], probs[rows])
+
+
+def test_evaluate_corpus_matches_hand_computed_rankings():
+    ev = evaluate_corpus(_toy_corpus([0, 3]), SearchSettings(top_k=1, min_candidates=0))
+    # query 0 (A): all rows by angle: 1 2 3 4 = [non rel rel non]; gated to c0: 1 3 = [non rel]
+    # query 3 (A): all rows by angle: 4 2 1 0 = [non rel non rel]; gated to c0: 1 0 = [non rel]
+    assert ev.n_queries == 2 and ev.n_images == 5 and ev.n_labels == 2
+    assert ev.exhaustive.map == pytest.approx(((1 / 2 + 2 / 3) / 2 + (1 / 2 + 2 / 4) / 2) / 2)
+    assert ev.gated.map == pytest.approx(((1 / 2) / 2 + (1 / 2) / 2) / 2)
+    assert ev.exhaustive.p_at_1 == 0.0 and ev.exhaustive.p_at_5 == pytest.approx(2 / 5)
+    assert ev.gated.p_at_5 == pytest.approx(1 / 5) and ev.gated.r_at_10 == pytest.approx(1 / 2)
+    assert ev.exhaustive.rows_searched == 4 and ev.exhaustive.rows_share == 1.0
+    assert ev.gated.rows_searched == 2 and ev.gated.rows_share == pytest.approx(0.5)
+    assert ev.top10_kept == pytest.approx(0.5) and ev.gated.no_relevant == 0.0
+
+
+def test_widening_to_min_candidates_reaches_the_exhaustive_result():
+    ev = evaluate_corpus(_toy_corpus([0, 3]), SearchSettings(top_k=1, min_candidates=3))
+    assert ev.gated == ev.exhaustive
+    assert ev.top10_kept == 1.0 and ev.map_ratio == 1.0
+
+
+# -- features ------------------------------------------------------------------------------
+
+
+def test_pca_whitening_decorrelates_and_pca_alone_keeps_centred_cosines():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 6)) @ rng.normal(size=(6, 6))
+    white = learn_whitening(x, power=0.5, shrinkage=0.0)
+    projected = (x - white.mean) @ white.projection.T
+    assert np.allclose(np.cov(projected, rowvar=False), np.eye(6), atol=1e-3)
+    pca = learn_whitening(x, power=0.0)
+    centred = x - x.mean(axis=0)
+    centred /= np.linalg.norm(centred, axis=1, keepdims=True)
+    y = apply_whitening(pca, x)
+    assert np.allclose(y @ y.T, centred @ centred.T, atol=1e-4)
+    assert apply_whitening(learn_whitening(x, dim=2), x).shape == (200, 2)
+
+
+def test_query_expansion_averages_the_query_with_its_top_rows():
+    q = np.array([1.0, 0.0], np.float32)
+    top = np.array([[0.0, 1.0], [0.0, 1.0]], np.float32)
+    assert np.allclose(expand_query(q, top), np.array([1.0, 2.0]) / np.sqrt(5))
+    weighted = expand_query(q, top, np.array([1.0, 0.5], np.float32), alpha=1.0)
+    assert np.allclose(weighted, np.array([1.0, 1.5]) / np.sqrt(3.25))
+
+
+def test_expanded_order_keeps_the_top_m_and_reranks_the_rest():
+    q = np.array([1.0, 0.0], np.float32)
+    rows = np.array([[1.0, 0.0], [0.8, 0.6], [0.6, -0.8], [0.5, 0.866]], np.float32)
+    assert list(expanded_order(q, rows, 0)) == [0, 1, 2, 3]  # cosines 1, 0.8, 0.6, 0.5
+    # expanded towards rows 0 and 1: (2.8, 0.6) scores row 3 (1.92) above row 2 (1.2)
+    assert list(expanded_order(q, rows, 2)) == [0, 1, 3, 2]
+
+
+# -- cbir evaluate end to end --------------------------------------------------------------
+
+
+def _ap_by_brute_force(order: list[int], labels: list[str], query: int) -> float:
+    """Independent of cbir.evaluate: precision at each relevant rank, over the relevant count."""
+    relevant = [labels[j] == labels[query] for j in order]
+    found, total = 0, 0.0
+    for rank, is_relevant in enumerate(relevant, start=1):
+        if is_relevant:
+            found += 1
+            total += found / rank
+    return total / sum(relevant)
+
+
+@needs_shared
+def test_cli_evaluate_matches_a_brute_force_cosine_ranking(tmp_path, capsys, lite0):
+    from cbir.cli import main
+    from cbir.images import load_image
+
+    source = tmp_path / "labelled"
+    paths, labels = [], []
+    for label in ("fruit", "vehicle", "musical_instrument"):
+        (source / label).mkdir(parents=True)
+        for image in sorted((EVALDATA / label).glob("*.jpg"))[:4]:
+            shutil.copy(image, source / label / image.name)
+            paths.append(source / label / image.name)
+            labels.append(label)
+    (source / "labels.csv").write_text("not an image\n")
+
+    argv = [
+        "evaluate",
+        str(source),
+        "--model",
+        "efficientnet_lite0",
+        "--json",
+        "--query-expansion",
+        "0",
+    ]  # fmt: skip  (the brute force below is plain cosine)
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (result["n_images"], result["n_queries"], result["n_labels"]) == (12, 12, 3)
+    assert result["not_indexed"] == 0 and result["backbone"] == "efficientnet_lite0"
+    for mode in ("gated", "exhaustive"):
+        scores = result[mode]
+        for key in ("map", "p_at_1", "p_at_5", "p_at_10", "r_at_10", "rows_share"):
+            assert 0.0 <= scores[key] <= 1.0
+        assert scores["p_at_10"] <= 3 / 10 + 1e-9  # only 3 other images share a label
+    assert result["exhaustive"]["rows_searched"] == 11
+    assert result["gated"] == result["exhaustive"]  # 12 images < 1000 candidates: all searched
+    assert result["top10_kept"] == 1.0
+
+    features = lite0.describe(np.stack([load_image(p, 224) for p in paths])).features["gap"]
+    similarity = features @ features.T
+    aps = []
+    for q in range(len(paths)):
+        order = [j for j in np.argsort(-similarity[q], kind="stable") if j != q]
+        aps.append(_ap_by_brute_force(order, labels, q))
+    assert result["exhaustive"]["map"] == pytest.approx(float(np.mean(aps)), abs=1e-4)
+
+
+@needs_shared
+def test_cli_evaluate_reads_groups_with_distractors(tmp_path, capsys, lite0):
+    from cbir.cli import main
+
+    groups = tmp_path / "groups.csv"
+    with open(groups, "w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["path", "group"])
+        for stem, folder in (("chelsea", "animals"), ("rocket", "vehicles")):
+            out.writerow([TESTDATA / "photos" / folder / f"{stem}.jpg", stem])
+            for variant in ("grey", "hflip"):
+                out.writerow([TESTDATA / "near_duplicates" / f"{stem}__{variant}.jpg", stem])
+        out.writerow([TESTDATA / "photos" / "animals" / "koala.jpg", ""])
+    assert labels_from_csv(groups)[str(TESTDATA / "photos" / "animals" / "koala.jpg")] is None
+
+    argv = ["evaluate", "--groups", str(groups), "--model", "efficientnet_lite0", "--json"]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (result["n_images"], result["n_queries"], result["n_labels"]) == (7, 6, 2)
+    assert result["exhaustive"]["map"] > 0.9  # a greyscale or mirrored copy is found first
+
+
+def test_cli_evaluate_needs_exactly_one_source(capsys):
+    from cbir.cli import main
+
+    assert main(["evaluate"]) == 1
+    assert "either a labelled folder or --groups" in capsys.readouterr().err
