@@ -65,12 +65,13 @@ def query(db_dir: Path, image: Path) -> dict[str, object]:
     t3 = time.perf_counter()
     described = model.describe(pixels[None])
     t4 = time.perf_counter()
-    available = db.category_sizes()
+    members = db.index().members()
     gating = choose_categories(
-        described.probs[0], categories.wnids(), available, db.settings.top_k, options.min_candidates
+        described.probs[0], categories.wnids(), members, db.settings.top_k, options.min_candidates
     )
     rows = db.read_categories(gating.wnids)
-    top_matches(described.features[db.settings.pooling][0], rows.features, options.n_results)
+    feature = described.features[db.settings.pooling][0]
+    top_matches(feature, rows.features, options.n_results, options.query_expansion)
     t5 = time.perf_counter()
     return {
         "started": STARTED,

@@ -26,7 +26,7 @@ from cbir.images import DEFAULT_MAX_MEGAPIXELS, find_images, load_image
 from cbir.model import Model, get_backbone, load_model, resolve_weights
 from cbir.store import NewImage, Settings, Writer, open_writer
 
-DEFAULT_BATCH_SIZE = 32
+DEFAULT_BATCH_SIZE = 8  # fastest or within 5 % of it for every engine and backbone (bench/)
 COMMIT_EVERY_IMAGES = 1024
 COMMIT_EVERY_SECONDS = 60.0
 

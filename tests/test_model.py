@@ -49,7 +49,7 @@ def test_engines_agree_with_tensorflow_float32(lite0):
     assert (reference.probs.argmax(1) == fast.probs.argmax(1)).mean() >= 7 / 8
 
 
-@pytest.mark.parametrize("name", ["inception_resnet_v2", "resnet50"])
+@pytest.mark.parametrize("name", ["inception_resnet_v2", "resnet50", "xception", "efficientnet_b0"])
 def test_keras_backbones_give_probabilities_and_features_of_the_table_shape(name):
     backbone = BACKBONES[name]
     keras_model = build_keras_model(backbone, resolve_weights(backbone, "none"), Timings())
