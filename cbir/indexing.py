@@ -53,7 +53,6 @@ class IndexReport:
     new_paths: int = 0  # files whose content was already indexed under another name
     removed: int = 0  # images dropped (changed or deleted sources)
     skipped: list[BadImage] = field(default_factory=list)
-    seconds_describing: float = 0.0  # wall time from the first decode to the last commit
 
 
 @dataclass(frozen=True)
@@ -172,7 +171,6 @@ def _describe_and_store(
     callbacks: Callbacks,
     report: IndexReport,
 ) -> None:
-    start = time.perf_counter()
     model: Model | None = None
     size = get_backbone(options.backbone).input_size
     advance = callbacks.progress(len(todo))
@@ -227,7 +225,6 @@ def _describe_and_store(
     finally:
         committer.close()
     report.removed = n_before + report.indexed - len(writer.catalog.images)
-    report.seconds_describing = time.perf_counter() - start
 
 
 def _load(options: IndexOptions) -> Model:
