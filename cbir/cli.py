@@ -63,18 +63,16 @@ def build_parser() -> argparse.ArgumentParser:
             help="openvino precision (default: bf16 where the CPU has it)",
         )
 
-    def model_options(p: argparse.ArgumentParser, default: str | None) -> None:
+    def model_options(p: argparse.ArgumentParser) -> None:
         p.add_argument(
             "--model",
             choices=list(BACKBONES),
-            default=default,
-            help=f"backbone (default: {default or 'the one the database was built with'})",
+            help=f"backbone (default: the database's, else {DEFAULT_BACKBONE})",
         )
         p.add_argument(
             "--weights",
-            default=None if default is None else "imagenet",
             help="imagenet (Keras' cache, downloaded if missing), none (random, for "
-            "benchmarks), or a weights FILE",
+            "benchmarks), or a weights FILE (default: the database's, else imagenet)",
         )
 
     def writer_options(p: argparse.ArgumentParser) -> None:
@@ -86,18 +84,21 @@ def build_parser() -> argparse.ArgumentParser:
         )
 
     def index_options(p: argparse.ArgumentParser) -> None:
-        model_options(p, DEFAULT_BACKBONE)
+        model_options(p)
         p.add_argument(
-            "--top-k", type=int, default=4, help="categories each image is stored in (default: 4)"
+            "--top-k",
+            type=int,
+            help="categories each image is stored in (default: the database's, else 4)",
         )
         p.add_argument(
             "--link",
             choices=LINK_MODES,
-            default="copy",
-            help="how images are stored in category folders (default: copy)",
+            help="how images are stored in category folders (default: the database's, else copy)",
         )
         p.add_argument(
-            "--pooling", choices=POOLINGS, default="gap", help="feature pooling (default: gap)"
+            "--pooling",
+            choices=POOLINGS,
+            help="feature pooling (default: the database's, else gap)",
         )
         p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
         p.add_argument(
@@ -174,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="M",
         help="re-rank by the query averaged with its top M results (0: off)",
     )
-    model_options(p, None)
+    model_options(p)
     engine_options(p)
     p.set_defaults(handler=cmd_query)
 
@@ -245,17 +246,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _index_options(args: argparse.Namespace):  # noqa: ANN202
+def _index_options(args: argparse.Namespace, db_dir: Path):  # noqa: ANN202
+    """Options for create-db/add: on an existing database, its own settings are the defaults
+    (and a different top-k, pooling or link is refused); otherwise the built-in ones."""
     from cbir.indexing import IndexOptions
+    from cbir.model import DEFAULT_BACKBONE
+    from cbir.store import MANIFEST_NAME, Settings, read_manifest
 
-    if args.top_k < 1 or args.top_k > 1000:
+    built = read_manifest(db_dir).settings if (db_dir / MANIFEST_NAME).exists() else None
+    fresh = Settings(DEFAULT_BACKBONE, "imagenet", 0)
+    chosen = {}
+    for name in ("top_k", "pooling", "link"):
+        given = getattr(args, name)
+        if built is not None and given is not None and given != getattr(built, name):
+            raise CbirError(
+                f"{db_dir} was built with --{name.replace('_', '-')} {getattr(built, name)}; "
+                "a database keeps one setting (build a new one to change it)"
+            )
+        chosen[name] = given if given is not None else getattr(built or fresh, name)
+    weights = args.weights
+    if weights is None:
+        weights = built.weights if built is not None else "imagenet"
+        if weights.startswith("sha256:"):
+            raise CbirError(f"{db_dir} was built with a weights file; pass it with --weights FILE")
+    if not 1 <= chosen["top_k"] <= 1000:
         raise CbirError("--top-k must be between 1 and 1000")
     if args.batch_size < 1:
         raise CbirError("--batch-size must be at least 1")
     return IndexOptions(
-        backbone=args.model, weights=args.weights, top_k=args.top_k, link=args.link,
-        pooling=args.pooling, engine=args.engine, precision=args.precision,
-        batch_size=args.batch_size, max_megapixels=args.max_megapixels, wait=args.wait,
+        backbone=args.model or (built.backbone if built else DEFAULT_BACKBONE), weights=weights,
+        top_k=chosen["top_k"], link=chosen["link"], pooling=chosen["pooling"],
+        engine=args.engine, precision=args.precision, batch_size=args.batch_size,
+        max_megapixels=args.max_megapixels, wait=args.wait,
         commit_every=None if args.commit_every is None else max(1, args.commit_every),
     )  # fmt: skip
 
@@ -268,7 +290,7 @@ def _index(args: argparse.Namespace, db_dir: Path, sources: list[Path]) -> int:
         print(f"skipping {bad.path}: {bad.reason}", file=sys.stderr)
 
     callbacks = Callbacks(on_skip=on_skip, on_wait=_say, progress=_progress_bar)
-    report = index_paths(db_dir, sources, _index_options(args), callbacks)
+    report = index_paths(db_dir, sources, _index_options(args, db_dir), callbacks)
     removed = 0
     if getattr(args, "prune", False):
         from cbir.indexing import sync

@@ -172,3 +172,16 @@ def test_links_instead_of_copies(tmp_path, option):
         assert all(p.stat().st_ino == (src / "chelsea.jpg").stat().st_ino for p in stored)
     else:
         assert all(p.is_symlink() and p.resolve() == (src / "chelsea.jpg") for p in stored)
+
+
+def test_add_and_rerun_default_to_the_databases_own_settings(tmp_path, capsys):
+    src = copy_photos(tmp_path / "src", "animals/chelsea.jpg")
+    db = tmp_path / "db"
+    assert main(["create-db", str(src), str(db), *LITE0, "--top-k", "2", "--link", "hardlink"]) == 0
+    more = copy_photos(tmp_path / "more", "food/coffee.jpg")
+    assert main(["add", str(db), str(more)]) == 0  # no --model: the database's
+    assert main(["create-db", str(src), str(db)]) == 0
+    assert "indexed 0, unchanged 1, skipped 0" in capsys.readouterr().err
+    assert all(len(r.wnids) == 2 for r in Database.open(db).catalog.images.values())
+    assert main(["add", str(db), str(more), "--top-k", "4"]) == 1
+    assert "was built with --top-k 2" in capsys.readouterr().err
