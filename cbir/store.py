@@ -522,12 +522,21 @@ class Writer(Database):
         if not new:
             return
         dim = self.settings.feature_dim
-        by_wnid: dict[str, list[NewImage]] = {}
+        placed: list[NewImage] = []
         for img in new:
             name = stored_name(img.source_path, img.sha256)
+            try:
+                for wnid in img.wnids:
+                    self._place(img.source_path, self.category_dir(wnid) / name)
+            except FileNotFoundError:  # deleted since it was read: not indexed
+                self._pending_removals.update(img.wnids)  # the commit drops copies made
+                continue
+            placed.append(img)
+        new = placed
+        by_wnid: dict[str, list[NewImage]] = {}
+        for img in new:
             for wnid in img.wnids:
                 by_wnid.setdefault(wnid, []).append(img)
-                self._place(img.source_path, self.category_dir(wnid) / name)
         committed = self.committed_ids()
 
         def category_files() -> Iterator[tuple[Path, Writing]]:
