@@ -30,8 +30,13 @@ import numpy.typing as npt
 
 from cbir import categories
 from cbir.errors import BadImage, CbirError
-from cbir.features import apply_whitening, expanded_order, learn_whitening
-from cbir.search import DEFAULT_MIN_CANDIDATES, DEFAULT_QUERY_EXPANSION, choose_categories
+from cbir.features import apply_whitening, learn_whitening
+from cbir.search import (
+    DEFAULT_MIN_CANDIDATES,
+    DEFAULT_QUERY_EXPANSION,
+    choose_categories,
+    top_matches,
+)
 
 TOP = 10  # depth of P@10, R@10 and the gating recall
 BATCH = 32  # images per forward pass when the queries are described
@@ -252,9 +257,11 @@ def _rank(
     searched: npt.NDArray[np.bool_],
     settings: SearchSettings,
 ) -> npt.NDArray[np.int64]:
-    """All searched rows (mask (n,)), best first by cosine, or with query expansion."""
+    """All searched rows (mask (n,)), best first, ranked exactly as `cbir query` ranks them."""
     rows = np.flatnonzero(searched)
-    order = expanded_order(query, features[rows], settings.query_expansion, settings.qe_alpha)
+    order, _ = top_matches(
+        query, features[rows], len(rows), settings.query_expansion, settings.qe_alpha
+    )
     return rows[order]
 
 

@@ -9,7 +9,8 @@ and apply them to its queries.
 
 Query expansion (average query expansion, AQE): average the query with its top-m results,
 renormalise, search again; results that agree with each other pull the query towards them.
-The m results that made the expansion stay at the top; it only re-ranks the rest.
+The m results that made the expansion stay at the top; it only re-ranks the rest (the ranking
+itself is `cbir.search.top_matches`, shared by `cbir query` and `cbir evaluate`).
 """
 
 from __future__ import annotations
@@ -91,26 +92,6 @@ def expand_query(
         weights = np.maximum(np.asarray(top_scores, np.float32), 0.0) ** alpha
     expanded = np.asarray(query, np.float32) + weights @ np.asarray(top_rows, np.float32)
     return normalise(expanded)
-
-
-def expanded_order(
-    query: npt.NDArray[np.float32], rows: npt.NDArray[np.float32], m: int, alpha: float = 0.0
-) -> npt.NDArray[np.int64]:
-    """Ranking (r,) of `rows` (r, d) for `query` (d,) with query expansion: the first search's
-    best m rows keep their places at the top, every other row is ranked by its cosine to the
-    expanded query (m = 0: the plain cosine ranking).
-
-    Keeping the m rows that define the expansion in place keeps precision@1 what it was
-    without expansion (re-ranking them lowered P@1 on evaldata from 0.884 to 0.841).
-    """
-    scores = rows @ np.asarray(query, np.float32)
-    order = np.argsort(-scores, kind="stable")
-    if m <= 0 or len(order) <= m:
-        return order
-    top = order[:m]
-    expanded = expand_query(query, rows[top], scores[top], alpha)
-    rest = np.argsort(-(rows @ expanded), kind="stable")
-    return np.concatenate([top, rest[~np.isin(rest, top)]])
 
 
 def normalise(x: npt.NDArray[np.floating]) -> npt.NDArray[np.float32]:

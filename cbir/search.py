@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from cbir.features import expand_query
+
 DEFAULT_MIN_CANDIDATES = 1000
 DEFAULT_QUERY_EXPANSION = 3  # +0.03..0.08 mAP, P@1 unchanged (docs/quality.md)
 
@@ -61,13 +63,15 @@ def top_matches(
     features: npt.NDArray[np.float32],
     n: int,
     expansion: int = 0,
+    alpha: float = 0.0,
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
     """Indices and cosine scores of the n rows most similar to `query`, best first.
 
     query: (d,) unit-norm; features: (r, d) float32, rows unit-norm. One matrix product, then a
     partial sort, so 100k rows take milliseconds. With `expansion` m > 0 (query expansion), the
     best m rows keep their places and the rest are ordered by their cosine to the query
-    averaged with those m; scores stay cosines to the query itself.
+    averaged with those m (`cbir.features.expand_query`; alpha weighs them by score**alpha);
+    scores stay cosines to the query itself. `cbir evaluate` ranks with this same function.
     """
     if len(features) == 0 or n <= 0:
         return np.zeros(0, np.int64), np.zeros(0, np.float32)
@@ -76,8 +80,7 @@ def top_matches(
         best = _best(scores, n)
         return best, scores[best]
     top = _best(scores, expansion)
-    expanded = query + features[top].sum(axis=0)
-    expanded_scores = features @ (expanded / max(float(np.linalg.norm(expanded)), 1e-12))
+    expanded_scores = features @ expand_query(query, features[top], scores[top], alpha)
     expanded_scores[top] = 3.0 + scores[top]  # above any cosine, in their first order
     best = _best(expanded_scores, n)
     return best, scores[best]
@@ -86,5 +89,5 @@ def top_matches(
 def _best(scores: npt.NDArray[np.float32], n: int) -> npt.NDArray[np.int64]:
     """Indices of the n highest scores, highest first (ties in row order)."""
     n = min(n, len(scores))
-    best = np.argpartition(-scores, n - 1)[:n]
+    best = np.sort(np.argpartition(-scores, n - 1)[:n])  # row order, so the stable sort keeps it
     return best[np.argsort(-scores[best], kind="stable")].astype(np.int64)

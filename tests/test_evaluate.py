@@ -20,7 +20,8 @@ from cbir.evaluate import (
     precision_at,
     recall_at,
 )
-from cbir.features import apply_whitening, expand_query, expanded_order, learn_whitening
+from cbir.features import apply_whitening, expand_query, learn_whitening
+from cbir.search import top_matches
 from tests.conftest import EVALDATA, TESTDATA, needs_shared
 
 # -- metrics by hand -----------------------------------------------------------------------
@@ -121,9 +122,9 @@ def test_query_expansion_averages_the_query_with_its_top_rows():
 def test_expanded_order_keeps_the_top_m_and_reranks_the_rest():
     q = np.array([1.0, 0.0], np.float32)
     rows = np.array([[1.0, 0.0], [0.8, 0.6], [0.6, -0.8], [0.5, 0.866]], np.float32)
-    assert list(expanded_order(q, rows, 0)) == [0, 1, 2, 3]  # cosines 1, 0.8, 0.6, 0.5
+    assert list(top_matches(q, rows, 4, 0)[0]) == [0, 1, 2, 3]  # cosines 1, 0.8, 0.6, 0.5
     # expanded towards rows 0 and 1: (2.8, 0.6) scores row 3 (1.92) above row 2 (1.2)
-    assert list(expanded_order(q, rows, 2)) == [0, 1, 3, 2]
+    assert list(top_matches(q, rows, 4, 2)[0]) == [0, 1, 3, 2]
 
 
 # -- cbir evaluate end to end --------------------------------------------------------------
