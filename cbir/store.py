@@ -727,7 +727,7 @@ class _Checker:
             for wnid in rec.wnids:
                 folder = w.category_dir(wnid)
                 rows = rows_by_folder.get(folder.name)
-                if rows is not None and image_id not in rows.ids and folder.name in rows_by_folder:
+                if rows is not None and image_id not in rows.ids:
                     self.say(f"image {rec.stored_name} is missing from {folder / FEATURES_NAME}",
                              "row restored")  # fmt: skip
                 if not (folder / rec.stored_name).exists():
@@ -783,12 +783,9 @@ class _Checker:
             catalog.images.pop(image_id, None)
         for path in [p for p, r in catalog.paths.items() if r.image_id not in catalog.images]:
             del catalog.paths[path]
-        members: dict[str, list[int]] = {}
-        for image_id, rec in catalog.images.items():
-            for wnid in rec.wnids:
-                members.setdefault(wnid, []).append(image_id)
         primary = {i: ps[0] for i, ps in catalog.paths_of().items()}
-        for wnid, ids in sorted(members.items()):
+        for wnid, members in sorted(w.index().members().items()):
+            ids = members.tolist()  # sorted: the index lists ids in order
             folder = w.category_dir(wnid)
             folder.mkdir(exist_ok=True)
             for image_id in ids:
@@ -798,7 +795,6 @@ class _Checker:
                     source = self._find_copy(rec)
                     if source is not None:
                         shutil.copyfile(source, target)
-            ids = sorted(ids)
             _write_category(folder / FEATURES_NAME, CategoryRows(
                 np.array(ids, np.int64),
                 np.array([primary[i] for i in ids], np.str_),
