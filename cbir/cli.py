@@ -93,7 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--link",
             choices=LINK_MODES,
-            help="how images are stored in category folders (default: the database's, else copy)",
+            help=(
+                "how images are stored in category folders: copy (one copy, hard-linked into"
+                " its other categories), hardlink or symlink to the source (default: the"
+                " database's, else copy)"
+            ),
         )
         p.add_argument(
             "--pooling",

@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
+from stat import S_ISREG
 
 import numpy as np
 import numpy.typing as npt
@@ -354,7 +355,13 @@ class Database:
         return merged.select(keep)
 
     def disk_bytes(self) -> int:
-        return sum(p.stat().st_size for p in self.db_dir.rglob("*") if p.is_file())
+        """Bytes the database takes on disk; hard-linked copies are counted once."""
+        sizes: dict[tuple[int, int], int] = {}
+        for p in self.db_dir.rglob("*"):
+            info = p.lstat()
+            if S_ISREG(info.st_mode):
+                sizes[info.st_dev, info.st_ino] = info.st_size
+        return sum(sizes.values())
 
 
 def read_manifest(db_dir: Path) -> Manifest:
@@ -453,6 +460,17 @@ def _pad(values: tuple, k: int, filler: object) -> list:
     return list(values[:k]) + [filler] * (k - len(values))
 
 
+def _try_link(existing: Path, new: Path) -> bool:
+    """Hard-link `new` to `existing`; False where the file system cannot (FAT, some shares)."""
+    try:
+        os.link(existing, new)
+    except OSError as exc:
+        if exc.errno in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EACCES):
+            return False
+        raise
+    return True
+
+
 def _category_writer(rows: CategoryRows) -> Writing:
     return _npz_writer(
         ids=rows.ids.astype(np.int64),
@@ -526,8 +544,7 @@ class Writer(Database):
         for img in new:
             name = stored_name(img.source_path, img.sha256)
             try:
-                for wnid in img.wnids:
-                    self._place(img.source_path, self.category_dir(wnid) / name)
+                self._place(img.source_path, [self.category_dir(w) / name for w in img.wnids])
             except FileNotFoundError:  # deleted since it was read: not indexed
                 self._pending_removals.update(img.wnids)  # the commit drops copies made
                 continue
@@ -560,20 +577,33 @@ class Writer(Database):
         )
         self._commit_catalog()
 
-    def _place(self, source: Path, target: Path) -> None:
-        """Copy or link `source` to `target` (atomically; an existing target is kept)."""
-        if target.exists() or target.is_symlink():
-            return
-        target.parent.mkdir(exist_ok=True)
-        tmp = target.with_name(f".tmp-{os.getpid()}-{target.name}")
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+    def _place(self, source: Path, targets: list[Path]) -> None:
+        """Copy or link `source` to each target (atomically; an existing target is kept).
+
+        With link="copy" the file is copied once and the other categories' copies are hard
+        links to that copy: one read and one file's disk space instead of k. Where the file
+        system has no hard links, each target is a full copy.
+        """
+        placed: Path | None = None
+        for target in targets:
+            if not (target.exists() or target.is_symlink()):
+                target.parent.mkdir(exist_ok=True)
+                tmp = target.with_name(f".tmp-{os.getpid()}-{target.name}")
+                with contextlib.suppress(FileNotFoundError):
+                    tmp.unlink()
+                self._place_one(source, tmp, placed)
+                os.replace(tmp, target)
+            placed = placed or target
+
+    def _place_one(self, source: Path, tmp: Path, placed: Path | None) -> None:
         link = self.settings.link
         try:
             if link == "hardlink":
                 os.link(source, tmp)
             elif link == "symlink":
                 os.symlink(source.resolve(), tmp)
+            elif placed is not None and _try_link(placed, tmp):
+                pass
             else:
                 shutil.copyfile(source, tmp)
         except OSError as exc:
@@ -583,7 +613,6 @@ class Writer(Database):
                     "use --link copy or --link symlink"
                 ) from exc
             raise
-        os.replace(tmp, target)
 
     # -- removing ---------------------------------------------------------------------------
 

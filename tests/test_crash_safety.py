@@ -68,7 +68,7 @@ def run_cbir(*args: str, kill_at: tuple[str, int] | None = None) -> subprocess.P
     "point, nth",
     [
         ("copy", 3),
-        ("copy", 60),
+        ("copy", 30),
         ("features", 1),
         ("features", 40),
         ("catalog", 1),

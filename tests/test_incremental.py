@@ -50,6 +50,20 @@ def query_paths(db_dir: Path, image: Path, capsys) -> list[str]:
     return [r["path"] for r in json.loads(capsys.readouterr().out)["results"]]
 
 
+def test_an_image_is_copied_once_and_its_other_categories_link_to_that_copy(tmp_path, capsys):
+    src = copy_photos(tmp_path / "src", "animals/chelsea.jpg")
+    db = tmp_path / "db"
+    assert main(["create-db", str(src), str(db), *LITE0]) == 0
+    copies = sorted(db.glob("n*_*/chelsea-*.jpg"))
+    assert len(copies) == 4
+    assert len({(c.stat().st_dev, c.stat().st_ino) for c in copies}) == 1
+    (src / "chelsea.jpg").write_bytes(b"changed after indexing")
+    assert copies[0].read_bytes() == (TESTDATA / "photos/animals/chelsea.jpg").read_bytes()
+    assert main(["info", str(db), "--json"]) == 0
+    disk = json.loads(capsys.readouterr().out)["disk_bytes"]
+    assert disk < sum(f.stat().st_size for f in db.rglob("*") if f.is_file())
+
+
 def test_adding_twice_adds_nothing_the_second_time(tmp_path, capsys):
     src = copy_photos(tmp_path / "src", "animals/chelsea.jpg", "food/coffee.jpg")
     db = tmp_path / "db"
