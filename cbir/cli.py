@@ -426,7 +426,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     info = {
         "db": str(args.db_dir), "backbone": s.backbone, "weights": s.weights,
         "feature_dim": s.feature_dim, "pooling": s.pooling, "top_k": s.top_k, "link": s.link,
-        "engine": s.engine, "precision": s.precision,
+        "engine": s.engine, "precision": s.precision, "resize": s.resize,
         "format_version": db.manifest.format_version, "created": db.manifest.created,
         "updated": db.manifest.updated, "images": len(db.committed_ids()),
         "paths": db.n_paths(), "disk_bytes": db.disk_bytes(),
@@ -437,7 +437,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(json.dumps(info, ensure_ascii=False))
         return 0
     for key in ("db", "backbone", "weights", "feature_dim", "pooling", "top_k", "link", "engine",
-                "precision",
+                "precision", "resize",
                 "format_version", "created", "updated", "images", "paths"):  # fmt: skip
         print(f"{key:>14}: {info[key]}")
     print(f"{'disk':>14}: {info['disk_bytes'] / 1e6:.1f} MB")

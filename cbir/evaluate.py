@@ -375,7 +375,8 @@ def _evaluate_db(db_dir: Path, labels: dict[str, str | None], options: RunOption
         batch = []
         for row in queries[start : start + BATCH]:
             rec = records[int(rows.ids[row])]
-            batch.append(load_image(db.category_dir(rec.wnids[0]) / rec.stored_name, size))
+            stored = db.category_dir(rec.wnids[0]) / rec.stored_name
+            batch.append(load_image(stored, size, resize=db.settings.resize))
         described = model.describe(np.stack(batch))
         probs.append(described.probs)
         features.append(described.features[db.settings.pooling])

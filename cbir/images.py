@@ -29,6 +29,13 @@ IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".heic", ".heif"}
 )
 DEFAULT_MAX_MEGAPIXELS = 100.0
+# How images are shrunk to the model's input. A database records the filter its features were
+# computed with and its queries use the same one. Bilinear (antialiased, like bicubic) costs
+# 0.6 ms where bicubic costs 1.0 ms per photo after the JPEG draft, a third of all decoding,
+# for the same retrieval quality (evaldata mAP 0.540 vs 0.539); databases made before it was
+# recorded used bicubic.
+RESIZE_FILTERS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+DEFAULT_RESIZE = "bilinear"
 
 # We check the pixel count ourselves (with a message that names the option), so Pillow's own
 # limit, which only warns between 1x and 2x, is turned off.
@@ -87,12 +94,14 @@ def load_image(
     size: int,
     data: bytes | None = None,
     max_megapixels: float = DEFAULT_MAX_MEGAPIXELS,
+    resize: str = DEFAULT_RESIZE,
 ) -> npt.NDArray[np.uint8]:
     """Decode `path` (or its already-read bytes) into a (size, size, 3) uint8 RGB array.
 
     EXIF orientation is applied, the first frame of animations is used, transparency is
     flattened onto white and 16-bit images are scaled to 8 bits. The whole image is resized
-    (no crop), so near-duplicates that differ at the borders still match.
+    (no crop, with the `resize` filter), so near-duplicates that differ at the borders still
+    match.
     Raises BadImage (or ImageTooLarge) with the reason; never returns a partial image.
     """
     try:
@@ -110,7 +119,7 @@ def load_image(
                     im.draft("RGB", (size, size))  # decode at a reduced scale: much faster
                 im.load()
                 rgb = _to_rgb(ImageOps.exif_transpose(im))
-                rgb = rgb.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=3.0)
+                rgb = rgb.resize((size, size), RESIZE_FILTERS[resize], reducing_gap=3.0)
                 return np.asarray(rgb, dtype=np.uint8)
     except UnidentifiedImageError as exc:
         raise BadImage(path, "not an image (unrecognised file format)") from exc

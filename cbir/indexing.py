@@ -186,7 +186,7 @@ def _describe_and_store(
         sha = hashlib.sha256(data).hexdigest()
         if writer.has_image(sha):
             return _Prepared(path, sha, stat.st_size, stat.st_mtime_ns, None)
-        pixels = load_image(path, size, data=data, max_megapixels=options.max_megapixels)
+        pixels = load_image(path, size, data, options.max_megapixels, writer.settings.resize)
         return _Prepared(path, sha, stat.st_size, stat.st_mtime_ns, pixels)
 
     def describe(batch: list[_Prepared]) -> None:

@@ -84,7 +84,7 @@ def run_queries(
     outcome: dict[Path, QueryResult | BadImage] = {}
     for path in query_paths:
         try:
-            loaded.append((path, load_image(path, size)))
+            loaded.append((path, load_image(path, size, resize=db.settings.resize)))
         except BadImage as bad:
             outcome[path] = bad
     if loaded:

@@ -65,6 +65,11 @@ class Settings:
     link: str = "copy"
     engine: str = ""
     precision: str = ""
+    resize: str = "bilinear"  # the filter of cbir.images.load_image features were computed with
+
+
+# Settings added to format 1 later, with the value every database written before them had.
+_SETTINGS_BEFORE_RECORDED = {"resize": "bicubic"}
 
 
 @dataclass
@@ -385,7 +390,8 @@ def read_manifest(db_dir: Path) -> Manifest:
             f"({FORMAT_VERSION}); upgrade cbir"
         )
     try:
-        settings = Settings(**{k: data[k] for k in Settings.__dataclass_fields__})
+        known = {**_SETTINGS_BEFORE_RECORDED, **data}
+        settings = Settings(**{k: known[k] for k in Settings.__dataclass_fields__})
         return Manifest(settings, data["created"], data["updated"], data["n_images"], version)
     except (KeyError, TypeError) as exc:
         raise DatabaseError(f"{path} is damaged (missing field {exc})") from exc

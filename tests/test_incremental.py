@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from cbir.cli import main
+from cbir.images import load_image
 from cbir.store import Database
 from tests.conftest import TESTDATA, needs_shared
 
@@ -62,6 +63,31 @@ def test_an_image_is_copied_once_and_its_other_categories_link_to_that_copy(tmp_
     assert main(["info", str(db), "--json"]) == 0
     disk = json.loads(capsys.readouterr().out)["disk_bytes"]
     assert disk < sum(f.stat().st_size for f in db.rglob("*") if f.is_file())
+
+
+def test_a_database_keeps_the_resize_filter_it_was_built_with(tmp_path, capsys, lite0):
+    """Databases from before the filter was recorded used bicubic: adds and queries still do."""
+    src = copy_photos(tmp_path / "src", "animals/chelsea.jpg")
+    more = copy_photos(tmp_path / "more", "food/coffee.jpg")
+    db = tmp_path / "db"
+    assert main(["create-db", str(src), str(db), *LITE0]) == 0
+    manifest = json.loads((db / "cbir-db.json").read_text())
+    assert manifest.pop("resize") == "bilinear"
+    (db / "cbir-db.json").write_text(json.dumps(manifest))
+    assert main(["add", str(db), str(more), *LITE0]) == 0
+    assert main(["info", str(db), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["resize"] == "bicubic"
+
+    coffee = more / "coffee.jpg"
+    bilinear, bicubic = lite0.describe(
+        np.stack([load_image(coffee, 224, resize=f) for f in ("bilinear", "bicubic")])
+    ).features["gap"]
+    assert float(bilinear @ bicubic) < 0.999  # the filters give measurably different features
+    rows = Database.open(db).read_categories(sorted(Database.open(db).category_sizes()))
+    stored = rows.features[rows.paths == str(coffee)][0]
+    assert float(stored @ bicubic) > float(stored @ bilinear)
+    assert main(["query", str(db), str(coffee), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["results"][0]["score"] > 0.9999
 
 
 def test_adding_twice_adds_nothing_the_second_time(tmp_path, capsys):
