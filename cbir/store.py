@@ -466,6 +466,27 @@ def _pad(values: tuple, k: int, filler: object) -> list:
     return list(values[:k]) + [filler] * (k - len(values))
 
 
+def _hard_link(source: Path, target: Path, db_dir: Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError as exc:
+        if exc.errno == errno.EXDEV:
+            raise CbirError(
+                f"cannot hard-link {source} into {db_dir}: different file systems; "
+                "use --link copy or --link symlink"
+            ) from exc
+        raise
+
+
+def _copy_new(source: Path, target: Path) -> None:
+    """Copy to a temporary name and rename; FileExistsError when `target` is already there."""
+    if os.path.lexists(target):
+        raise FileExistsError(target)
+    tmp = target.with_name(f".tmp-{os.getpid()}-{target.name}")
+    shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
+
+
 def _try_link(existing: Path, new: Path) -> bool:
     """Hard-link `new` to `existing`; False where the file system cannot (FAT, some shares)."""
     try:
@@ -502,6 +523,7 @@ class Writer(Database):
     def __init__(self, db_dir: Path, manifest: Manifest) -> None:
         super().__init__(db_dir, manifest)
         self._pending_removals: set[str] = set()  # categories that may hold removed images
+        self._folders: set[Path] = set()  # category folders known to exist
 
     def index(self) -> CatalogIndex:
         """Built from the catalog in memory, which this writer changes."""
@@ -584,41 +606,28 @@ class Writer(Database):
         self._commit_catalog()
 
     def _place(self, source: Path, targets: list[Path]) -> None:
-        """Copy or link `source` to each target (atomically; an existing target is kept).
+        """Copy or link `source` to each target; an existing target is kept (its name holds
+        the content hash, so it has the same content).
 
-        With link="copy" the file is copied once and the other categories' copies are hard
-        links to that copy: one read and one file's disk space instead of k. Where the file
-        system has no hard links, each target is a full copy.
+        Links are made under their final name (making a link is atomic); a copy is written to
+        a temporary name and renamed. With link="copy" the file is copied once and the other
+        categories' entries are hard links to that copy: one file's disk space instead of k.
+        Where the file system has no hard links, each entry is a full copy.
         """
+        link = self.settings.link
         placed: Path | None = None
         for target in targets:
-            if not (target.exists() or target.is_symlink()):
+            if target.parent not in self._folders:
                 target.parent.mkdir(exist_ok=True)
-                tmp = target.with_name(f".tmp-{os.getpid()}-{target.name}")
-                with contextlib.suppress(FileNotFoundError):
-                    tmp.unlink()
-                self._place_one(source, tmp, placed)
-                os.replace(tmp, target)
+                self._folders.add(target.parent)
+            with contextlib.suppress(FileExistsError):
+                if link == "hardlink":
+                    _hard_link(source, target, self.db_dir)
+                elif link == "symlink":
+                    os.symlink(source.resolve(), target)
+                elif placed is None or not _try_link(placed, target):
+                    _copy_new(source, target)
             placed = placed or target
-
-    def _place_one(self, source: Path, tmp: Path, placed: Path | None) -> None:
-        link = self.settings.link
-        try:
-            if link == "hardlink":
-                os.link(source, tmp)
-            elif link == "symlink":
-                os.symlink(source.resolve(), tmp)
-            elif placed is not None and _try_link(placed, tmp):
-                pass
-            else:
-                shutil.copyfile(source, tmp)
-        except OSError as exc:
-            if link == "hardlink" and exc.errno == errno.EXDEV:
-                raise CbirError(
-                    f"cannot hard-link {source} into {self.db_dir}: different file systems; "
-                    "use --link copy or --link symlink"
-                ) from exc
-            raise
 
     # -- removing ---------------------------------------------------------------------------
 
@@ -687,6 +696,7 @@ class Writer(Database):
                     entry.unlink()
             with contextlib.suppress(OSError):
                 folder.rmdir()  # empty category folders go
+                self._folders.discard(folder)
 
     def _category_folders(self) -> Iterator[Path]:
         for entry in sorted(self.db_dir.iterdir()):
