@@ -116,17 +116,24 @@ def _skip(report: IndexReport, callbacks: Callbacks, bad: BadImage) -> None:
 
 
 class _Committer:
-    """Commits chunks of described images on a background thread, so that copying images and
-    rewriting category files overlap with inference; at most one chunk is in flight."""
+    """Stores described images on a background thread, so that copying images and rewriting
+    category files overlap with inference: each batch's copies are placed as soon as it is
+    described, and chunks are committed; at most one commit is in flight."""
 
     def __init__(self, writer: Writer, commit_every: int | None) -> None:
         self.writer, self.commit_every = writer, commit_every
         self.images: list[NewImage] = []
         self.paths: list[tuple[str, str, int, int]] = []  # (path, sha256, size, mtime_ns)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="cbir-commit")
-        self._in_flight: Future[None] | None = None
+        self._in_flight: deque[Future[None]] = deque()  # in order: copies, then commits
         self._last = time.perf_counter()
         self._seconds = 0.0  # how long the last commit took
+
+    def add(self, images: list[NewImage]) -> None:
+        self.images.extend(images)
+        self._in_flight.append(self._pool.submit(self.writer.place_copies, images))
+        while self._in_flight and self._in_flight[0].done():
+            self._in_flight.popleft().result()  # re-raises its error here
 
     def due(self) -> bool:
         """Exactly every `commit_every` images when set; by default every 1024 images or
@@ -146,7 +153,7 @@ class _Committer:
         images, paths = self.images, self.paths
         self.images, self.paths = [], []
         self._last = time.perf_counter()
-        self._in_flight = self._pool.submit(self._store, images, paths)
+        self._in_flight.append(self._pool.submit(self._store, images, paths))
 
     def _store(self, images: list[NewImage], paths: list[tuple[str, str, int, int]]) -> None:
         started = time.perf_counter()
@@ -155,9 +162,8 @@ class _Committer:
         self._seconds = time.perf_counter() - started
 
     def wait(self) -> None:
-        if self._in_flight is not None:
-            self._in_flight.result()  # re-raises the commit's error here
-            self._in_flight = None
+        while self._in_flight:
+            self._in_flight.popleft().result()  # re-raises its error here
 
     def close(self) -> None:
         """Let a commit in flight finish (also on errors and Ctrl-C), then stop the thread."""
@@ -194,7 +200,7 @@ def _describe_and_store(
         if model is None:
             model = _load(options)
             writer.record_engine(model.engine, model.precision)
-        committer.images.extend(_describe(model, batch, options.top_k, options.pooling))
+        committer.add(_describe(model, batch, options.top_k, options.pooling))
         report.indexed += len(batch)
         advance(len(batch))
 

@@ -562,6 +562,15 @@ class Writer(Database):
         self._replace_paths(new_paths)
         self._commit_catalog()
 
+    def place_copies(self, images: Iterable[NewImage]) -> None:
+        """Store the copies of described images ahead of their commit, so that copying overlaps
+        with describing the next ones. Until committed they are orphans, which the repair
+        after a crash removes; `add_images` keeps copies already placed."""
+        for img in images:
+            name = stored_name(img.source_path, img.sha256)
+            with contextlib.suppress(FileNotFoundError):  # source gone: add_images drops it
+                self._place(img.source_path, [self.category_dir(w) / name for w in img.wnids])
+
     def add_images(self, new: list[NewImage]) -> None:
         """Store a chunk of new images and commit it (see the module docstring for the order)."""
         new = [img for img in new if not self.has_image(img.sha256)]
