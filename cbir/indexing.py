@@ -55,6 +55,9 @@ class IndexReport:
     skipped: list[BadImage] = field(default_factory=list)
 
 
+_Found = tuple[str, int, int]  # a file to index: path, size, mtime_ns
+
+
 @dataclass(frozen=True)
 class _Prepared:
     """A file read and hashed; `pixels` is None when its content is already known."""
@@ -91,7 +94,7 @@ def index_paths(
     report = IndexReport()
     db_abs = _absolute(db_dir)
     with open_writer(db_dir, settings, options.wait, callbacks.on_wait) as writer:
-        todo: list[tuple[Path, os.stat_result]] = []
+        todo: list[_Found] = []  # plain tuples: a run may find millions of files
         for item in find_images([_absolute(s) for s in sources], exclude=db_abs):
             if isinstance(item, BadImage):
                 _skip(report, callbacks, item)
@@ -101,10 +104,11 @@ def index_paths(
             except OSError as exc:
                 _skip(report, callbacks, BadImage(item, f"cannot read ({exc.strerror})"))
                 continue
-            if writer.lookup_path(str(item), stat.st_size, stat.st_mtime_ns) is not None:
+            found = (str(item), stat.st_size, stat.st_mtime_ns)
+            if writer.lookup_path(*found) is not None:
                 report.unchanged += 1
             else:
-                todo.append((item, stat))
+                todo.append(found)
         if todo:
             _describe_and_store(writer, todo, options, callbacks, report)
     return report
@@ -172,7 +176,7 @@ class _Committer:
 
 def _describe_and_store(
     writer: Writer,
-    todo: list[tuple[Path, os.stat_result]],
+    todo: list[_Found],
     options: IndexOptions,
     callbacks: Callbacks,
     report: IndexReport,
@@ -184,16 +188,17 @@ def _describe_and_store(
     n_before = len(writer.catalog.images)
     committer = _Committer(writer, options.commit_every)
 
-    def prepare(path: Path, stat: os.stat_result) -> _Prepared:
+    def prepare(found: _Found) -> _Prepared:
+        path, file_size, mtime_ns = Path(found[0]), found[1], found[2]
         try:
             data = path.read_bytes()
         except OSError as exc:
             raise BadImage(path, f"cannot read ({exc.strerror})") from exc
         sha = hashlib.sha256(data).hexdigest()
         if writer.has_image(sha):
-            return _Prepared(path, sha, stat.st_size, stat.st_mtime_ns, None)
+            return _Prepared(path, sha, file_size, mtime_ns, None)
         pixels = load_image(path, size, data, options.max_megapixels, writer.settings.resize)
-        return _Prepared(path, sha, stat.st_size, stat.st_mtime_ns, pixels)
+        return _Prepared(path, sha, file_size, mtime_ns, pixels)
 
     def describe(batch: list[_Prepared]) -> None:
         nonlocal model
@@ -257,16 +262,16 @@ def _describe(model: Model, batch: list[_Prepared], top_k: int, pooling: str) ->
 
 
 def _prefetch(
-    prepare: Callable[[Path, os.stat_result], _Prepared],
-    todo: Iterable[tuple[Path, os.stat_result]],
+    prepare: Callable[[_Found], _Prepared],
+    todo: Iterable[_Found],
     window: int,
 ) -> Iterator[_Prepared | BadImage]:
     """Run `prepare` on worker threads, at most `window` ahead, yielding results in order."""
     workers = max(2, os.cpu_count() or 2)
     with ThreadPoolExecutor(workers, thread_name_prefix="cbir-decode") as pool:
         queue: deque[Future[_Prepared]] = deque()
-        for path, stat in todo:
-            queue.append(pool.submit(prepare, path, stat))
+        for found in todo:
+            queue.append(pool.submit(prepare, found))
             if len(queue) >= window:
                 yield _result(queue.popleft())
         while queue:

@@ -31,11 +31,13 @@ import os
 import shutil
 import sys
 import zipfile
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from stat import S_ISREG
+from typing import IO
 
 import numpy as np
 import numpy.typing as npt
@@ -169,10 +171,20 @@ def _load_npz(path: Path, names: Iterable[str]) -> dict[str, np.ndarray]:
             return {name: npz[name] for name in names}
     except FileNotFoundError:
         raise
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
-        raise DatabaseError(
-            f"{path} is damaged ({type(exc).__name__}: {exc}); run 'cbir check --repair'"
-        ) from exc
+    except _DAMAGE as exc:
+        raise _damaged(path, exc) from exc
+
+
+# What reading a truncated or corrupted .npz raises.
+_DAMAGE = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error)
+
+
+def _damaged(path: Path, exc: BaseException) -> DatabaseError:
+    if isinstance(exc, DatabaseError):
+        return exc
+    return DatabaseError(
+        f"{path} is damaged ({type(exc).__name__}: {exc}); run 'cbir check --repair'"
+    )
 
 
 Writing = Callable[[io.BufferedWriter], None]
@@ -499,12 +511,7 @@ def _try_link(existing: Path, new: Path) -> bool:
 
 
 def _category_writer(rows: CategoryRows) -> Writing:
-    return _npz_writer(
-        ids=rows.ids.astype(np.int64),
-        paths=rows.paths.astype(np.str_),
-        files=rows.files.astype(np.str_),
-        features=np.ascontiguousarray(rows.features, np.float32),
-    )
+    return _npz_writer(**_columns(rows))
 
 
 def _write_category(path: Path, rows: CategoryRows) -> None:
@@ -596,14 +603,13 @@ class Writer(Database):
         def category_files() -> Iterator[tuple[Path, Writing]]:
             for wnid, imgs in sorted(by_wnid.items()):
                 path = self.category_dir(wnid) / FEATURES_NAME
-                old = _committed_rows(path, dim, committed)
                 added = CategoryRows(
                     np.array([i.image_id for i in imgs], np.int64),
                     np.array([str(i.source_path) for i in imgs], np.str_),
                     np.array([stored_name(i.source_path, i.sha256) for i in imgs], np.str_),
                     np.stack([i.feature for i in imgs]).astype(np.float32).reshape(len(imgs), dim),
                 )
-                yield path, _category_writer(_concat(old, added))
+                yield path, _appending_writer(path, dim, committed, added)
 
         _write_many_atomic(category_files())  # its first sync also makes the copies durable
         for img in new:
@@ -859,21 +865,82 @@ class _Checker:
         w.repair()
 
 
-def _committed_rows(path: Path, dim: int, committed: npt.NDArray[np.int64]) -> CategoryRows:
-    try:
-        rows = read_category_file(path, dim)
-    except FileNotFoundError:
-        return CategoryRows.empty(dim)
-    return rows.select(np.isin(rows.ids, committed))
+FEATURE_BLOCK_ROWS = 512  # rows of an old category file's features in memory at a time
 
 
-def _concat(a: CategoryRows, b: CategoryRows) -> CategoryRows:
-    return CategoryRows(
-        np.concatenate([a.ids, b.ids]),
-        np.concatenate([a.paths.astype(np.str_), b.paths]),
-        np.concatenate([a.files.astype(np.str_), b.files]),
-        np.concatenate([a.features, b.features]),
-    )
+def _appending_writer(
+    path: Path, dim: int, committed: npt.NDArray[np.int64], added: CategoryRows
+) -> Writing:
+    """Writes the category file at `path` anew: its committed rows, then `added`.
+
+    The old features, the bulk of the file, are streamed through in blocks, so memory does not
+    grow with the category: (r, d) float32 would otherwise be held three times over.
+    """
+
+    def write(f: io.BufferedWriter) -> None:
+        try:
+            old = zipfile.ZipFile(path)
+        except FileNotFoundError:
+            _npz_writer(**_columns(added))(f)
+            return
+        except (OSError, zipfile.BadZipFile) as exc:
+            raise _damaged(path, exc) from exc
+        with old, zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as new:
+            try:
+                small = {n: _read_member(old, n) for n in ("ids", "paths", "files")}
+                keep = np.isin(small["ids"], committed)
+                for name, column in _columns(added).items():
+                    if name in small:
+                        merged = np.concatenate([small[name][keep], column])
+                        with new.open(f"{name}.npy", "w", force_zip64=True) as member:
+                            np.lib.format.write_array(member, merged, allow_pickle=False)
+                with old.open("features.npy") as source:
+                    rows = _features_header(source, path, dim, len(keep))
+                    shape = (int(keep.sum()) + len(added), dim)
+                    header = {"descr": "<f4", "fortran_order": False, "shape": shape}
+                    with new.open("features.npy", "w", force_zip64=True) as member:
+                        np.lib.format.write_array_header_1_0(member, header)
+                        for start in range(0, rows, FEATURE_BLOCK_ROWS):
+                            n = min(FEATURE_BLOCK_ROWS, rows - start)
+                            block = np.frombuffer(source.read(n * dim * 4), "<f4")
+                            if block.size != n * dim:
+                                raise EOFError("features end early")
+                            member.write(block.reshape(n, dim)[keep[start : start + n]].tobytes())
+                        member.write(np.ascontiguousarray(added.features, "<f4").tobytes())
+            except _DAMAGE as exc:
+                raise _damaged(path, exc) from exc
+
+    return write
+
+
+def _columns(rows: CategoryRows) -> dict[str, np.ndarray]:
+    """The arrays of a category file, in the order they are written (features last)."""
+    return {
+        "ids": rows.ids.astype(np.int64),
+        "paths": rows.paths.astype(np.str_),
+        "files": rows.files.astype(np.str_),
+        "features": np.ascontiguousarray(rows.features, np.float32),
+    }
+
+
+def _read_member(npz: zipfile.ZipFile, name: str) -> np.ndarray:
+    with npz.open(f"{name}.npy") as member:
+        return np.lib.format.read_array(member, allow_pickle=False)
+
+
+def _features_header(member: IO[bytes], path: Path, dim: int, n_ids: int) -> int:
+    """Reads the .npy header of a category file's features; returns its row count."""
+    version = np.lib.format.read_magic(member)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(member)
+    else:
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(member)
+    if fortran or dtype != np.dtype("<f4") or len(shape) != 2 or shape != (n_ids, dim):
+        raise DatabaseError(
+            f"{path} holds features of shape {shape} ({dtype}), expected ({n_ids}, {dim}) "
+            "float32; run 'cbir check --repair'"
+        )
+    return int(shape[0])
 
 
 @contextlib.contextmanager

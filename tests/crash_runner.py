@@ -5,6 +5,7 @@
 POINT is where the process kills itself on the N-th time it gets there:
   copy        after half of an image copy into a category folder was written
   features    after half of a category features.npz was written to its temporary file
+  append      the same, counting only category files that already existed (streamed rewrite)
   catalog     after half of catalog.npz (the commit point) was written
   manifest    just before the manifest is written (the catalog is already committed)
 Nothing here is part of cbir: the kill is patched in from outside, as a power cut would be.
@@ -60,14 +61,7 @@ def install(point: str, nth: int) -> None:
         store._write_atomic = write_atomic
         return
 
-    real_npz_writer = store._npz_writer
-
-    def npz_writer(**arrays):  # noqa: ANN003, ANN202
-        write = real_npz_writer(**arrays)
-        kind = "catalog" if "sha256" in arrays else "features"
-        if kind != point or not due():
-            return write
-
+    def half_then_die(write):  # noqa: ANN001, ANN202
         def write_half_then_die(f) -> None:  # noqa: ANN001
             buffer = io.BytesIO()
             write(buffer)
@@ -77,7 +71,24 @@ def install(point: str, nth: int) -> None:
 
         return write_half_then_die
 
-    store._npz_writer = npz_writer
+    if point == "catalog":
+        real_npz_writer = store._npz_writer
+
+        def npz_writer(**arrays):  # noqa: ANN003, ANN202
+            write = real_npz_writer(**arrays)
+            return half_then_die(write) if "sha256" in arrays and due() else write
+
+        store._npz_writer = npz_writer
+        return
+
+    real_appending_writer = store._appending_writer
+
+    def appending_writer(path: Path, *args):  # noqa: ANN002, ANN202
+        write = real_appending_writer(path, *args)
+        counted = point == "features" or path.exists()
+        return half_then_die(write) if counted and due() else write
+
+    store._appending_writer = appending_writer
 
 
 if __name__ == "__main__":

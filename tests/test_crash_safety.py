@@ -71,6 +71,8 @@ def run_cbir(*args: str, kill_at: tuple[str, int] | None = None) -> subprocess.P
         ("copy", 30),
         ("features", 1),
         ("features", 40),
+        ("append", 1),
+        ("append", 4),
         ("catalog", 1),
         ("catalog", 3),
         ("manifest", 2),
