@@ -255,7 +255,7 @@ def _describe(model: Model, batch: list[_Prepared], top_k: int, pooling: str) ->
             mtime_ns=p.mtime_ns,
             wnids=tuple(wnids[j] for j in top[i]),
             probs=tuple(float(described.probs[i, j]) for j in top[i]),
-            feature=described.features[pooling][i],
+            feature=described.features[pooling][i].copy(),  # not a view: frees the batch
         )
         for i, p in enumerate(batch)
     ]
