@@ -245,10 +245,14 @@ def _npz_writer(**arrays: np.ndarray) -> Writing:
     def write(f: io.BufferedWriter) -> None:
         with zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as npz:
             for name, array in arrays.items():
-                with npz.open(f"{name}.npy", "w", force_zip64=True) as member:
-                    np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
+                _write_member(npz, name, np.asanyarray(array))
 
     return write
+
+
+def _write_member(npz: zipfile.ZipFile, name: str, array: np.ndarray) -> None:
+    with npz.open(f"{name}.npy", "w", force_zip64=True) as member:
+        np.lib.format.write_array(member, array, allow_pickle=False)
 
 
 def _save_npz(path: Path, **arrays: np.ndarray) -> None:
@@ -494,7 +498,7 @@ def _copy_new(source: Path, target: Path) -> None:
     """Copy to a temporary name and rename; FileExistsError when `target` is already there."""
     if os.path.lexists(target):
         raise FileExistsError(target)
-    tmp = target.with_name(f".tmp-{os.getpid()}-{target.name}")
+    tmp = _tmp_name(target)
     shutil.copyfile(source, tmp)
     os.replace(tmp, target)
 
@@ -574,9 +578,8 @@ class Writer(Database):
         with describing the next ones. Until committed they are orphans, which the repair
         after a crash removes; `add_images` keeps copies already placed."""
         for img in images:
-            name = stored_name(img.source_path, img.sha256)
             with contextlib.suppress(FileNotFoundError):  # source gone: add_images drops it
-                self._place(img.source_path, [self.category_dir(w) / name for w in img.wnids])
+                self._place(img)
 
     def add_images(self, new: list[NewImage]) -> None:
         """Store a chunk of new images and commit it (see the module docstring for the order)."""
@@ -586,9 +589,8 @@ class Writer(Database):
         dim = self.settings.feature_dim
         placed: list[NewImage] = []
         for img in new:
-            name = stored_name(img.source_path, img.sha256)
             try:
-                self._place(img.source_path, [self.category_dir(w) / name for w in img.wnids])
+                self._place(img)
             except FileNotFoundError:  # deleted since it was read: not indexed
                 self._pending_removals.update(img.wnids)  # the commit drops copies made
                 continue
@@ -620,18 +622,19 @@ class Writer(Database):
         )
         self._commit_catalog()
 
-    def _place(self, source: Path, targets: list[Path]) -> None:
-        """Copy or link `source` to each target; an existing target is kept (its name holds
-        the content hash, so it has the same content).
+    def _place(self, img: NewImage) -> None:
+        """Copy or link the image's source into each of its category folders; an existing
+        entry is kept (its name holds the content hash, so it has the same content).
 
         Links are made under their final name (making a link is atomic); a copy is written to
         a temporary name and renamed. With link="copy" the file is copied once and the other
         categories' entries are hard links to that copy: one file's disk space instead of k.
         Where the file system has no hard links, each entry is a full copy.
         """
-        link = self.settings.link
+        link, source = self.settings.link, img.source_path
+        name = stored_name(source, img.sha256)
         placed: Path | None = None
-        for target in targets:
+        for target in (self.category_dir(w) / name for w in img.wnids):
             if target.parent not in self._folders:
                 target.parent.mkdir(exist_ok=True)
                 self._folders.add(target.parent)
@@ -881,7 +884,7 @@ def _appending_writer(
         try:
             old = zipfile.ZipFile(path)
         except FileNotFoundError:
-            _npz_writer(**_columns(added))(f)
+            _category_writer(added)(f)
             return
         except (OSError, zipfile.BadZipFile) as exc:
             raise _damaged(path, exc) from exc
@@ -891,9 +894,7 @@ def _appending_writer(
                 keep = np.isin(small["ids"], committed)
                 for name, column in _columns(added).items():
                     if name in small:
-                        merged = np.concatenate([small[name][keep], column])
-                        with new.open(f"{name}.npy", "w", force_zip64=True) as member:
-                            np.lib.format.write_array(member, merged, allow_pickle=False)
+                        _write_member(new, name, np.concatenate([small[name][keep], column]))
                 with old.open("features.npy") as source:
                     rows = _features_header(source, path, dim, len(keep))
                     shape = (int(keep.sum()) + len(added), dim)
@@ -935,7 +936,7 @@ def _features_header(member: IO[bytes], path: Path, dim: int, n_ids: int) -> int
         shape, fortran, dtype = np.lib.format.read_array_header_1_0(member)
     else:
         shape, fortran, dtype = np.lib.format.read_array_header_2_0(member)
-    if fortran or dtype != np.dtype("<f4") or len(shape) != 2 or shape != (n_ids, dim):
+    if fortran or dtype != np.dtype("<f4") or shape != (n_ids, dim):
         raise DatabaseError(
             f"{path} holds features of shape {shape} ({dtype}), expected ({n_ids}, {dim}) "
             "float32; run 'cbir check --repair'"
