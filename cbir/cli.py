@@ -282,7 +282,7 @@ def _index_options(args: argparse.Namespace, db_dir: Path):  # noqa: ANN202
         top_k=chosen["top_k"], link=chosen["link"], pooling=chosen["pooling"],
         engine=args.engine, precision=args.precision, batch_size=args.batch_size,
         max_megapixels=args.max_megapixels, wait=args.wait,
-        commit_every=None if args.commit_every is None else max(1, args.commit_every),
+        commit_every=max(1, args.commit_every),
     )  # fmt: skip
 
 

@@ -42,7 +42,7 @@ class IndexOptions:
     precision: str = "auto"
     batch_size: int = DEFAULT_BATCH_SIZE
     max_megapixels: float = DEFAULT_MAX_MEGAPIXELS
-    commit_every: int | None = None  # None: adaptive (see commit_due); N: exactly every N
+    commit_every: int = COMMIT_EVERY_IMAGES  # images per commit (or COMMIT_EVERY_SECONDS)
     wait: bool = True
 
 
@@ -124,14 +124,13 @@ class _Committer:
     category files overlap with inference: each batch's copies are placed as soon as it is
     described, and chunks are committed; at most one commit is in flight."""
 
-    def __init__(self, writer: Writer, commit_every: int | None) -> None:
+    def __init__(self, writer: Writer, commit_every: int) -> None:
         self.writer, self.commit_every = writer, commit_every
         self.images: list[NewImage] = []
         self.paths: list[tuple[str, str, int, int]] = []  # (path, sha256, size, mtime_ns)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="cbir-commit")
         self._in_flight: deque[Future[None]] = deque()  # in order: copies, then commits
         self._last = time.perf_counter()
-        self._seconds = 0.0  # how long the last commit took
 
     def add(self, images: list[NewImage]) -> None:
         self.images.extend(images)
@@ -140,17 +139,10 @@ class _Committer:
             self._in_flight.popleft().result()  # re-raises its error here
 
     def due(self) -> bool:
-        """Exactly every `commit_every` images when set; by default every 1024 images or
-        minute, but spending at most ~20 % of the time on commits (each one rewrites the
-        touched category files, which grow with the database)."""
-        if self.commit_every is not None:
-            return len(self.images) >= self.commit_every
-        if len(self.images) >= 4 * COMMIT_EVERY_IMAGES:
-            return True  # bounds memory whatever the commits cost
+        """Every `commit_every` images, and at least once a minute: a slow model loses at
+        most a minute of work to a crash."""
         since = time.perf_counter() - self._last
-        if since < 4 * self._seconds:
-            return False
-        return len(self.images) >= COMMIT_EVERY_IMAGES or since > COMMIT_EVERY_SECONDS
+        return len(self.images) >= self.commit_every or since > COMMIT_EVERY_SECONDS
 
     def commit(self) -> None:
         self.wait()
@@ -160,10 +152,8 @@ class _Committer:
         self._in_flight.append(self._pool.submit(self._store, images, paths))
 
     def _store(self, images: list[NewImage], paths: list[tuple[str, str, int, int]]) -> None:
-        started = time.perf_counter()
         self.writer.add_images(images)
         self.writer.add_paths(paths)
-        self._seconds = time.perf_counter() - started
 
     def wait(self) -> None:
         while self._in_flight:
