@@ -63,6 +63,21 @@ def build_parser() -> argparse.ArgumentParser:
             help="openvino precision (default: bf16 where the CPU has it)",
         )
 
+    def search_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--min-candidates",
+            type=int,
+            default=DEFAULT_MIN_CANDIDATES,
+            help="widen the searched categories until they hold this many images",
+        )
+        p.add_argument(
+            "--query-expansion",
+            type=int,
+            default=DEFAULT_QUERY_EXPANSION,
+            metavar="M",
+            help="re-rank by the query averaged with its top M results (0: off)",
+        )
+
     def model_options(p: argparse.ArgumentParser) -> None:
         p.add_argument(
             "--model",
@@ -166,19 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="search_all",
         help="search every category, not only the predicted ones",
     )
-    p.add_argument(
-        "--min-candidates",
-        type=int,
-        default=DEFAULT_MIN_CANDIDATES,
-        help="widen the searched categories until they hold this many images",
-    )
-    p.add_argument(
-        "--query-expansion",
-        type=int,
-        default=DEFAULT_QUERY_EXPANSION,
-        metavar="M",
-        help="re-rank by the query averaged with its top M results (0: off)",
-    )
+    search_options(p)
     model_options(p)
     engine_options(p)
     p.set_defaults(handler=cmd_query)
@@ -211,19 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--pooling", choices=POOLINGS, default="gap", help="pooling of the temporary database"
     )
-    p.add_argument(
-        "--min-candidates",
-        type=int,
-        default=DEFAULT_MIN_CANDIDATES,
-        help="as for query: widen the searched categories until they hold this many images",
-    )
-    p.add_argument(
-        "--query-expansion",
-        type=int,
-        default=DEFAULT_QUERY_EXPANSION,
-        metavar="M",
-        help="average each query with its top M results and search again (0: off)",
-    )
+    search_options(p)
     p.add_argument(
         "--pca",
         type=int,
