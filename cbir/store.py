@@ -29,11 +29,10 @@ import io
 import json
 import os
 import shutil
-import sys
 import zipfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from stat import S_ISREG
@@ -43,6 +42,7 @@ import numpy as np
 import numpy.typing as npt
 
 from cbir import categories
+from cbir.catalog import Catalog, ImageRecord, ImageTable, PathRecord, PathTable
 from cbir.errors import CbirError, DatabaseError, DatabaseLocked
 from cbir.hashing import file_sha256, image_id_of
 
@@ -104,35 +104,6 @@ class NewImage:
     @property
     def image_id(self) -> int:
         return image_id_of(self.sha256)
-
-
-@dataclass(slots=True)
-class ImageRecord:
-    sha256: str
-    stored_name: str
-    wnids: tuple[str, ...]
-    probs: tuple[float, ...]
-
-
-@dataclass(slots=True)
-class PathRecord:
-    image_id: int
-    size: int
-    mtime_ns: int
-
-
-@dataclass
-class Catalog:
-    """Every committed image (by id) and every source path that points at one."""
-
-    images: dict[int, ImageRecord] = field(default_factory=dict)
-    paths: dict[str, PathRecord] = field(default_factory=dict)
-
-    def paths_of(self) -> dict[int, list[str]]:
-        by_id: dict[int, list[str]] = {}
-        for path, rec in sorted(self.paths.items()):
-            by_id.setdefault(rec.image_id, []).append(path)
-        return by_id
 
 
 @dataclass(frozen=True)
@@ -309,7 +280,7 @@ class Database:
     @property
     def catalog(self) -> Catalog:
         if self._catalog is None:
-            self._catalog = read_catalog(self.db_dir)
+            self._catalog = read_catalog(self.db_dir, self.settings.top_k)
         return self._catalog
 
     def category_dir(self, wnid: str) -> Path:
@@ -413,27 +384,28 @@ def read_manifest(db_dir: Path) -> Manifest:
         raise DatabaseError(f"{path} is damaged (missing field {exc})") from exc
 
 
-def read_catalog(db_dir: Path) -> Catalog:
+def read_catalog(db_dir: Path, top_k: int) -> Catalog:
     path = db_dir / CATALOG_NAME
     if not path.exists():
-        return Catalog()
+        return Catalog.empty(top_k)
     names = ("ids", "sha256", "stored_names", "wnids", "probs",
              "path_strings", "path_ids", "path_sizes", "path_mtimes")  # fmt: skip
     a = _load_npz(path, names)
-    images = {
-        int(i): ImageRecord(
-            str(h), str(s), tuple(sys.intern(w) for w in ws.tolist()), tuple(ps.tolist())
-        )
-        for i, h, s, ws, ps in zip(
-            a["ids"], a["sha256"], a["stored_names"], a["wnids"], a["probs"], strict=True
-        )
-    }
-    paths = {
-        str(p): PathRecord(int(i), int(s), int(m))
-        for p, i, s, m in zip(
-            a["path_strings"], a["path_ids"], a["path_sizes"], a["path_mtimes"], strict=True
-        )
-    }
+    n, m = len(a["ids"]), len(a["path_strings"])
+    if (
+        any(len(a[name]) != n for name in names[:5])
+        or any(len(a[name]) != m for name in names[5:])
+        or a["wnids"].ndim != 2
+        or a["probs"].shape != a["wnids"].shape
+    ):
+        raise _damaged(path, ValueError("its arrays disagree in length"))
+    images = ImageTable(
+        a["ids"], a["sha256"].astype("S64"), a["stored_names"].astype(object),
+        a["wnids"].astype("U9"), a["probs"].astype(np.float32),
+    )  # fmt: skip
+    paths = PathTable(
+        a["path_strings"].astype(object), a["path_ids"], a["path_sizes"], a["path_mtimes"]
+    )
     return Catalog(images, paths)
 
 
@@ -453,33 +425,25 @@ def read_category_file(path: Path, dim: int) -> CategoryRows:
     return rows
 
 
-def _write_catalog(db_dir: Path, catalog: Catalog, top_k: int) -> None:
-    ids = sorted(catalog.images)
-    recs = [catalog.images[i] for i in ids]
-    paths = sorted(catalog.paths)
+def _write_catalog(db_dir: Path, catalog: Catalog) -> None:
+    images, paths = catalog.images, catalog.paths
     _save_npz(
         db_dir / CATALOG_NAME,
-        ids=np.array(ids, np.int64),
-        sha256=np.array([r.sha256 for r in recs], "U64"),
-        stored_names=np.array([r.stored_name for r in recs], np.str_),
-        wnids=np.array([_pad(r.wnids, top_k, "") for r in recs], "U9").reshape(len(recs), top_k),
-        probs=np.array([_pad(r.probs, top_k, 0.0) for r in recs], np.float32).reshape(
-            len(recs), top_k
-        ),
-        path_strings=np.array(paths, np.str_),
-        path_ids=np.array([catalog.paths[p].image_id for p in paths], np.int64),
-        path_sizes=np.array([catalog.paths[p].size for p in paths], np.int64),
-        path_mtimes=np.array([catalog.paths[p].mtime_ns for p in paths], np.int64),
+        ids=images.ids,
+        sha256=images.sha256.astype("U64"),
+        stored_names=images.stored_names.astype(np.str_),
+        wnids=images.wnids,
+        probs=images.probs,
+        path_strings=paths.strings.astype(np.str_),
+        path_ids=paths.ids,
+        path_sizes=paths.sizes,
+        path_mtimes=paths.mtimes,
     )
 
 
 def _merged(recorded: str, new: str) -> str:
     parts = [p for p in recorded.split("+") if p]
     return "+".join(parts if new in parts else [*parts, new])
-
-
-def _pad(values: tuple, k: int, filler: object) -> list:
-    return list(values[:k]) + [filler] * (k - len(values))
 
 
 def _hard_link(source: Path, target: Path, db_dir: Path) -> None:
@@ -538,10 +502,8 @@ class Writer(Database):
 
     def index(self) -> CatalogIndex:
         """Built from the catalog in memory, which this writer changes."""
-        ids = np.sort(np.fromiter(self.catalog.images, np.int64, len(self.catalog.images)))
-        k = self.settings.top_k
-        wnids = [_pad(self.catalog.images[i].wnids, k, "") for i in ids.tolist()]
-        return CatalogIndex(ids, np.array(wnids, "U9").reshape(len(ids), k))
+        images = self.catalog.images
+        return CatalogIndex(images.ids, images.wnids)
 
     # -- adding -----------------------------------------------------------------------------
 
@@ -570,7 +532,7 @@ class Writer(Database):
         new_paths = {
             path: PathRecord(image_id_of(sha), size, mtime) for path, sha, size, mtime in entries
         }
-        self._replace_paths(new_paths)
+        self._change_catalog(self.catalog.images, PathTable.of(new_paths))
         self._commit_catalog()
 
     def place_copies(self, images: Iterable[NewImage]) -> None:
@@ -614,12 +576,15 @@ class Writer(Database):
                 yield path, _appending_writer(path, dim, committed, added)
 
         _write_many_atomic(category_files())  # its first sync also makes the copies durable
-        for img in new:
-            name = stored_name(img.source_path, img.sha256)
-            self.catalog.images[img.image_id] = ImageRecord(img.sha256, name, img.wnids, img.probs)
-        self._replace_paths(
+        k = self.settings.top_k
+        images = ImageTable.of(
+            {i.image_id: ImageRecord(i.sha256, stored_name(i.source_path, i.sha256), i.wnids,
+                                     i.probs) for i in new}, k
+        )  # fmt: skip
+        paths = PathTable.of(
             {str(i.source_path): PathRecord(i.image_id, i.size, i.mtime_ns) for i in new}
         )
+        self._change_catalog(self.catalog.images.with_new(images), paths)
         self._commit_catalog()
 
     def _place(self, img: NewImage) -> None:
@@ -652,31 +617,30 @@ class Writer(Database):
     def remove_paths(self, paths: Iterable[str]) -> int:
         """Forget source paths; images left with no path are removed. Returns images removed."""
         n_before = len(self.catalog.images)
-        self._replace_paths({}, forget=paths)
+        self._change_catalog(self.catalog.images, PathTable.empty(), forget=paths)
         self._commit_catalog()
         return n_before - len(self.catalog.images)
 
-    def _replace_paths(self, new: dict[str, PathRecord], forget: Iterable[str] = ()) -> None:
-        """Point paths at images (and forget others); images no path points at are dropped."""
-        old_ids = {
-            self.catalog.paths[p].image_id for p in [*new, *forget] if p in self.catalog.paths
-        }
-        for path in forget:
-            self.catalog.paths.pop(path, None)
-        self.catalog.paths.update(new)
-        if not old_ids:
-            return
-        still_used = {rec.image_id for rec in self.catalog.paths.values()}
-        for image_id in old_ids - still_used:
-            image = self.catalog.images.pop(image_id, None)
-            if image is not None:
-                self._pending_removals.update(image.wnids)
+    def _change_catalog(
+        self, images: ImageTable, new_paths: PathTable, forget: Iterable[str] = ()
+    ) -> None:
+        """Take `images` as the catalog's images, point `new_paths` at theirs and forget the
+        paths in `forget`; images no path points at any more are dropped. The catalog is
+        replaced in one assignment: the decode threads read it meanwhile."""
+        paths, displaced = self.catalog.paths.updated(new_paths, forget)
+        unused = displaced[~np.isin(displaced, paths.ids)]
+        if len(unused):
+            dropped = np.isin(images.ids, unused)
+            wnids = images.wnids[dropped]
+            self._pending_removals.update(wnids[wnids != ""].tolist())
+            images = images.select(~dropped)
+        self._catalog = Catalog(images, paths)
 
     # -- committing -------------------------------------------------------------------------
 
     def _commit_catalog(self) -> None:
         """Write the catalog (the commit point), then tidy what removals left behind."""
-        _write_catalog(self.db_dir, self.catalog, self.settings.top_k)
+        _write_catalog(self.db_dir, self.catalog)
         if self._pending_removals:
             self._drop_uncommitted_rows(sorted(self._pending_removals))
             self._pending_removals.clear()
@@ -814,38 +778,33 @@ class _Checker:
             candidate = self.w.category_dir(wnid) / rec.stored_name
             if candidate.is_file():
                 return candidate
-        image_id = image_id_of(rec.sha256)
-        for path, path_rec in self.w.catalog.paths.items():
-            if path_rec.image_id == image_id and Path(path).is_file():
+        for path in self.w.catalog.sources_of(image_id_of(rec.sha256)):
+            if Path(path).is_file():
                 return Path(path)
         return None
 
     def _catalog_from_rows(self, rows_by_folder: dict[str, CategoryRows]) -> Catalog:
-        catalog = Catalog()
+        images: dict[int, ImageRecord] = {}
+        paths: dict[str, PathRecord] = {}
         for name, rows in sorted(rows_by_folder.items()):
             wnid = categories.wnid_of_folder(name)
             for image_id, path, file in zip(rows.ids.tolist(), rows.paths, rows.files, strict=True):
-                stored = self.w.db_dir / name / str(file)
-                if image_id not in catalog.images:
-                    if not stored.is_file():
+                rec = images.get(image_id)
+                if rec is None:
+                    stored = self.w.db_dir / name / str(file)
+                    if not stored.is_file() or image_id_of(sha := file_sha256(stored)) != image_id:
                         continue
-                    sha = file_sha256(stored)
-                    if image_id_of(sha) != image_id:
-                        continue
-                    catalog.images[image_id] = ImageRecord(sha, str(file), (), ())
-                    catalog.paths[str(path)] = PathRecord(image_id, -1, -1)  # re-checked next run
-                rec = catalog.images[image_id]
-                rec.wnids += (wnid,)
-                rec.probs += (0.0,)  # unknown after the loss: only the order of categories is
-        return catalog
+                    rec = ImageRecord(sha, str(file), (), ())
+                    paths[str(path)] = PathRecord(image_id, -1, -1)  # re-checked next run
+                # probabilities are lost with the catalog: only the order of categories is not
+                images[image_id] = replace(rec, wnids=(*rec.wnids, wnid), probs=(*rec.probs, 0.0))
+        return Catalog(ImageTable.of(images, self.w.settings.top_k), PathTable.of(paths))
 
     def _rebuild(self, features: dict[int, npt.NDArray[np.float32]], dropped: list[int]) -> None:
         w = self.w
-        catalog = w.catalog
-        for image_id in dropped:
-            catalog.images.pop(image_id, None)
-        for path in [p for p, r in catalog.paths.items() if r.image_id not in catalog.images]:
-            del catalog.paths[path]
+        images = w.catalog.images.select(~np.isin(w.catalog.images.ids, dropped))
+        paths = w.catalog.paths.select(np.isin(w.catalog.paths.ids, images.ids))
+        w._catalog = catalog = Catalog(images, paths)
         primary = {i: ps[0] for i, ps in catalog.paths_of().items()}
         for wnid, members in sorted(w.index().members().items()):
             ids = members.tolist()  # sorted: the index lists ids in order
