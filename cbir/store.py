@@ -4,8 +4,9 @@ Layout (rows are images, arrays are plain numpy types: every file loads with all
 
     DB_DIR/cbir-db.json                 manifest: format version, model, settings, counts
     DB_DIR/catalog.npz                  every indexed image and every source path known for it
-    DB_DIR/<wnid>_<name>/features.npz   ids (r,) int64, paths (r,) str, files (r,) str,
-                                        features (r, d) float32 unit-norm rows
+    DB_DIR/<wnid>_<name>/features.<lo>-<hi>.npz   a segment of the category's rows (see
+                                        Segment): ids (r,) int64, paths (r,) str, files (r,)
+                                        str, features (r, d) float32 unit-norm rows
     DB_DIR/<wnid>_<name>/<stem>-<hash><ext>   the stored copies (or links) of the images
     DB_DIR/.lock, DB_DIR/.writing       writer lock; marker of a write in progress
 
@@ -13,11 +14,12 @@ An image's id is the first 8 bytes of the SHA-256 of its file, so the same photo
 is stored and computed once. The catalog is the commit point: an image is indexed exactly when
 the catalog lists it. Writes go in this order, each file to a temporary name in its folder,
 fsynced, then renamed over the old one:
-  add:    copy images into category folders -> sync -> category features.npz -> catalog -> manifest
-  remove: catalog -> category features.npz -> delete stored copies -> manifest
+  add:    copy images into category folders -> sync -> new category segments -> catalog ->
+          manifest -> merge segments
+  remove: catalog -> category segments -> delete stored copies -> manifest
 Readers keep only category rows whose id the catalog lists, so a crash at any point leaves a
 database that answers queries; the next writer sees the `.writing` marker and repairs it
-(drops uncommitted rows and orphan copies) before it goes on.
+(drops uncommitted rows, stale segments and orphan copies) before it goes on.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import fcntl
 import io
 import json
 import os
+import re
 import shutil
 import zipfile
 import zlib
@@ -46,10 +49,11 @@ from cbir.catalog import Catalog, ImageRecord, ImageTable, PathRecord, PathTable
 from cbir.errors import CbirError, DatabaseError, DatabaseLocked
 from cbir.hashing import file_sha256, image_id_of
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: category rows in segments
 MANIFEST_NAME = "cbir-db.json"
 CATALOG_NAME = "catalog.npz"
-FEATURES_NAME = "features.npz"
+FEATURES_NAME = "features.npz"  # a category's rows in format 1: one file, rewritten per commit
+SEGMENT_NAME = re.compile(r"features\.(\d+)-(\d+)\.npz")  # format 2: segments, see Segment
 LOCK_NAME = ".lock"
 WRITING_NAME = ".writing"
 LINK_MODES = ("copy", "hardlink", "symlink")
@@ -129,6 +133,73 @@ class CategoryRows:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def unique(self) -> CategoryRows:
+        """Each id once (its first row)."""
+        _, first = np.unique(self.ids, return_index=True)
+        if len(first) == len(self):
+            return self
+        keep = np.zeros(len(self), bool)
+        keep[first] = True
+        return self.select(keep)
+
+    @classmethod
+    def concatenate(cls, parts: list[CategoryRows], dim: int) -> CategoryRows:
+        parts = [p for p in parts if len(p)]
+        if len(parts) < 2:
+            return parts[0] if parts else cls.empty(dim)
+        return cls(
+            np.concatenate([p.ids for p in parts]),
+            np.concatenate([p.paths for p in parts]),
+            np.concatenate([p.files for p in parts]),
+            np.concatenate([p.features for p in parts]),
+        )
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One file of a category's rows, `features.<lo>-<hi>.npz`.
+
+    Each commit adds a segment to every category it touches, numbered one past the folder's
+    highest, instead of rewriting the category: a commit costs its own rows, not the
+    database's. Segments are merged so that each is more than twice the size of all newer
+    ones together (a few files per folder; a row is rewritten O(log n) times). A merge of
+    segments lo..hi is named after that whole range: a segment whose range lies inside
+    another's is stale (a crash came between a merge and the deletion of what it merged), is
+    never read, and is deleted by the next writer. A format-1 `features.npz` is segment 0-0.
+    """
+
+    path: Path
+    lo: int
+    hi: int
+
+
+def category_segments(folder: Path) -> tuple[list[Segment], list[Segment]]:
+    """(live segments, oldest first; stale ones) of a category folder."""
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return [], []
+    found = []
+    for name in names:
+        if name == FEATURES_NAME:
+            found.append(Segment(folder / name, 0, 0))
+        elif match := SEGMENT_NAME.fullmatch(name):
+            found.append(Segment(folder / name, int(match[1]), int(match[2])))
+    live, stale = [], []
+    for seg in found:
+        inside = any(o is not seg and o.lo <= seg.lo and seg.hi <= o.hi for o in found)
+        (stale if inside else live).append(seg)
+    return sorted(live, key=lambda seg: seg.lo), stale
+
+
+def read_category_folder(folder: Path, dim: int) -> CategoryRows:
+    """All rows of a category's live segments, committed or not, oldest first.
+    Raises FileNotFoundError when it has none, DatabaseError when one is damaged."""
+    live, _ = category_segments(folder)
+    if not live:
+        raise FileNotFoundError(folder / FEATURES_NAME)
+    return CategoryRows.concatenate([read_category_file(seg.path, dim) for seg in live], dim)
 
 
 def now_iso() -> str:
@@ -314,37 +385,25 @@ class Database:
         self, wnid: str, committed: npt.NDArray[np.int64] | None = None
     ) -> CategoryRows:
         """Committed rows of one category (rows the catalog does not list are left out)."""
-        path = self.category_dir(wnid) / FEATURES_NAME
+        folder = self.category_dir(wnid)
         try:
-            rows = read_category_file(path, self.settings.feature_dim)
+            rows = read_category_folder(folder, self.settings.feature_dim)
         except FileNotFoundError:
             if wnid in self.category_sizes():
                 raise DatabaseError(
-                    f"{path} is missing but the catalog lists images in it; "
+                    f"{folder} has no features file but the catalog lists images in it; "
                     "run 'cbir check --repair'"
                 ) from None
             return CategoryRows.empty(self.settings.feature_dim)
         if committed is None:
             committed = self.committed_ids()
-        return rows.select(np.isin(rows.ids, committed))
+        return rows.select(np.isin(rows.ids, committed)).unique()
 
     def read_categories(self, wnids: Iterable[str]) -> CategoryRows:
         """Committed rows of several categories, each image once (an image is in up to k)."""
         committed = self.committed_ids()
         parts = [self.read_category(w, committed) for w in wnids]
-        parts = [p for p in parts if len(p)]
-        if not parts:
-            return CategoryRows.empty(self.settings.feature_dim)
-        merged = CategoryRows(
-            np.concatenate([p.ids for p in parts]),
-            np.concatenate([p.paths for p in parts]),
-            np.concatenate([p.files for p in parts]),
-            np.concatenate([p.features for p in parts]),
-        )
-        _, first = np.unique(merged.ids, return_index=True)
-        keep = np.zeros(len(merged), bool)
-        keep[first] = True
-        return merged.select(keep)
+        return CategoryRows.concatenate(parts, self.settings.feature_dim).unique()
 
     def disk_bytes(self) -> int:
         """Bytes the database takes on disk; hard-linked copies are counted once."""
@@ -482,10 +541,6 @@ def _category_writer(rows: CategoryRows) -> Writing:
     return _npz_writer(**_columns(rows))
 
 
-def _write_category(path: Path, rows: CategoryRows) -> None:
-    _write_atomic(path, _category_writer(rows))
-
-
 def stored_name(source_path: Path, sha256: str) -> str:
     """A readable file name that never collides: two different IMG_0001.jpg get two names."""
     stem = source_path.stem[:80]
@@ -497,6 +552,7 @@ class Writer(Database):
 
     def __init__(self, db_dir: Path, manifest: Manifest) -> None:
         super().__init__(db_dir, manifest)
+        manifest.format_version = FORMAT_VERSION  # what it writes needs this cbir to read
         self._pending_removals: set[str] = set()  # categories that may hold removed images
         self._folders: set[Path] = set()  # category folders known to exist
 
@@ -562,20 +618,21 @@ class Writer(Database):
         for img in new:
             for wnid in img.wnids:
                 by_wnid.setdefault(wnid, []).append(img)
-        committed = self.committed_ids()
 
-        def category_files() -> Iterator[tuple[Path, Writing]]:
+        def new_segments() -> Iterator[tuple[Path, Writing]]:
             for wnid, imgs in sorted(by_wnid.items()):
-                path = self.category_dir(wnid) / FEATURES_NAME
+                folder = self.category_dir(wnid)
+                live, stale = category_segments(folder)
+                seq = max((seg.hi for seg in live + stale), default=0) + 1
                 added = CategoryRows(
                     np.array([i.image_id for i in imgs], np.int64),
                     np.array([str(i.source_path) for i in imgs], np.str_),
                     np.array([stored_name(i.source_path, i.sha256) for i in imgs], np.str_),
                     np.stack([i.feature for i in imgs]).astype(np.float32).reshape(len(imgs), dim),
                 )
-                yield path, _appending_writer(path, dim, committed, added)
+                yield folder / f"features.{seq}-{seq}.npz", _category_writer(added)
 
-        _write_many_atomic(category_files())  # its first sync also makes the copies durable
+        _write_many_atomic(new_segments())  # its first sync also makes the copies durable
         k = self.settings.top_k
         images = ImageTable.of(
             {i.image_id: ImageRecord(i.sha256, stored_name(i.source_path, i.sha256), i.wnids,
@@ -586,6 +643,31 @@ class Writer(Database):
         )
         self._change_catalog(self.catalog.images.with_new(images), paths)
         self._commit_catalog()
+        self._merge_segments(sorted(by_wnid))
+
+    def _merge_segments(self, wnids: list[str]) -> None:
+        """Merge each category's newest segments while the one before them is at most twice
+        their size together (file sizes stand for row counts: features are most of a file)."""
+        merges: list[tuple[Path, list[Segment]]] = []
+        for wnid in wnids:
+            live, _ = category_segments(self.category_dir(wnid))
+            sizes = [seg.path.stat().st_size for seg in live]
+            first, newer = len(live) - 1, sum(sizes[-1:])
+            while first > 0 and sizes[first - 1] <= 2 * newer:
+                first -= 1
+                newer += sizes[first]
+            if first < len(live) - 1:
+                tail = live[first:]
+                name = f"features.{tail[0].lo}-{tail[-1].hi}.npz"
+                merges.append((tail[0].path.with_name(name), tail))
+        committed, dim = self.committed_ids(), self.settings.feature_dim
+        _write_many_atomic(
+            (target, _merging_writer([seg.path for seg in tail], dim, committed))
+            for target, tail in merges
+        )
+        for _, tail in merges:
+            for seg in tail:
+                seg.path.unlink()
 
     def _place(self, img: NewImage) -> None:
         """Copy or link the image's source into each of its category folders; an existing
@@ -660,20 +742,18 @@ class Writer(Database):
             folders = list(self._category_folders())
         else:
             folders = [d for d in map(self.category_dir, wnids) if d.is_dir()]
+        dim = self.settings.feature_dim
         for folder in folders:
-            path = folder / FEATURES_NAME
-            try:
-                rows = read_category_file(path, self.settings.feature_dim)
-            except FileNotFoundError:
-                rows = CategoryRows.empty(self.settings.feature_dim)
-            keep = np.isin(rows.ids, committed)
-            if not keep.all():
+            live, _ = category_segments(folder)
+            wanted = set()
+            for seg in live:
+                rows = read_category_file(seg.path, dim)
+                keep = np.isin(rows.ids, committed)
                 if keep.any():
-                    _write_category(path, rows.select(keep))
-                else:
-                    path.unlink()
-            wanted = set(rows.files[keep].tolist()) | {FEATURES_NAME}
-            for entry in folder.iterdir():
+                    wanted |= {seg.path.name, *rows.files[keep].tolist()}
+                    if not keep.all():
+                        _write_atomic(seg.path, _category_writer(rows.select(keep)))
+            for entry in folder.iterdir():  # stale segments and rows' copies go too
                 if entry.name not in wanted:
                     entry.unlink()
             with contextlib.suppress(OSError):
@@ -725,15 +805,15 @@ class _Checker:
         w = self.w
         rows_by_folder: dict[str, CategoryRows] = {}
         for folder in w._category_folders():
-            path = folder / FEATURES_NAME
             try:
-                rows_by_folder[folder.name] = read_category_file(path, self.dim)
+                rows_by_folder[folder.name] = read_category_folder(folder, self.dim)
             except FileNotFoundError:
-                self.say(f"{path} is missing", "rebuilt from other categories")
+                self.say(f"{folder} has no features file", "rebuilt from other categories")
             except DatabaseError as exc:
                 self.say(str(exc).split("; run")[0], "rebuilt from other categories")
-            for tmp in folder.glob(".tmp-*"):
-                self.say(f"{tmp} is a leftover temporary file", "deleted")
+            stale = [seg.path for seg in category_segments(folder)[1]]
+            for leftover in [*folder.glob(".tmp-*"), *stale]:
+                self.say(f"{leftover} is a leftover of an interrupted write", "deleted")
         try:
             catalog = w.catalog
         except DatabaseError as exc:
@@ -755,7 +835,7 @@ class _Checker:
                 folder = w.category_dir(wnid)
                 rows = rows_by_folder.get(folder.name)
                 if rows is not None and image_id not in rows.ids:
-                    self.say(f"image {rec.stored_name} is missing from {folder / FEATURES_NAME}",
+                    self.say(f"image {rec.stored_name} has no feature row in {folder}",
                              "row restored")  # fmt: skip
                 if not (folder / rec.stored_name).exists():
                     self.say(f"{folder / rec.stored_name} is missing", "copied again")
@@ -763,7 +843,7 @@ class _Checker:
         for name, rows in rows_by_folder.items():
             stray = [i for i in rows.ids.tolist() if i not in committed]
             if stray:
-                self.say(f"{w.db_dir / name / FEATURES_NAME} has {len(stray)} rows of images "
+                self.say(f"{w.db_dir / name} has {len(stray)} feature rows of images "
                          "the catalog does not list (an interrupted write)", "removed")  # fmt: skip
         if w.manifest.n_images != len(committed):
             self.say(f"manifest counts {w.manifest.n_images} images, the catalog {len(committed)}",
@@ -817,12 +897,16 @@ class _Checker:
                     source = self._find_copy(rec)
                     if source is not None:
                         shutil.copyfile(source, target)
-            _write_category(folder / FEATURES_NAME, CategoryRows(
+            live, stale = category_segments(folder)
+            whole = f"features.0-{max((seg.hi for seg in live + stale), default=0) + 1}.npz"
+            _write_atomic(folder / whole, _category_writer(CategoryRows(
                 np.array(ids, np.int64),
                 np.array([primary[i] for i in ids], np.str_),
                 np.array([catalog.images[i].stored_name for i in ids], np.str_),
                 np.stack([features[i] for i in ids]).astype(np.float32),
-            ))  # fmt: skip
+            )))  # fmt: skip
+            for seg in live + stale:
+                seg.path.unlink()  # all inside the new segment's range
         w._commit_catalog()
         w.repair()
 
@@ -830,47 +914,57 @@ class _Checker:
 FEATURE_BLOCK_ROWS = 512  # rows of an old category file's features in memory at a time
 
 
-def _appending_writer(
-    path: Path, dim: int, committed: npt.NDArray[np.int64], added: CategoryRows
-) -> Writing:
-    """Writes the category file at `path` anew: its committed rows, then `added`.
+def _merging_writer(sources: list[Path], dim: int, committed: npt.NDArray[np.int64]) -> Writing:
+    """Writes one category file with the committed rows of the files `sources`, in order.
 
-    The old features, the bulk of the file, are streamed through in blocks, so memory does not
+    The features, the bulk of each file, are streamed through in blocks, so memory does not
     grow with the category: (r, d) float32 would otherwise be held three times over.
     """
 
     def write(f: io.BufferedWriter) -> None:
-        try:
-            old = zipfile.ZipFile(path)
-        except FileNotFoundError:
-            _category_writer(added)(f)
-            return
-        except (OSError, zipfile.BadZipFile) as exc:
-            raise _damaged(path, exc) from exc
-        with old, zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as new:
-            try:
-                small = {n: _read_member(old, n) for n in ("ids", "paths", "files")}
+        with contextlib.ExitStack() as stack:
+            olds, keeps, columns = [], [], {"ids": [], "paths": [], "files": []}
+            for path in sources:
+                try:
+                    old = stack.enter_context(zipfile.ZipFile(path))
+                    small = {name: _read_member(old, name) for name in columns}
+                except _DAMAGE as exc:
+                    raise _damaged(path, exc) from exc
                 keep = np.isin(small["ids"], committed)
-                for name, column in _columns(added).items():
-                    if name in small:
-                        _write_member(new, name, np.concatenate([small[name][keep], column]))
-                with old.open("features.npy") as source:
-                    rows = _features_header(source, path, dim, len(keep))
-                    shape = (int(keep.sum()) + len(added), dim)
-                    header = {"descr": "<f4", "fortran_order": False, "shape": shape}
-                    with new.open("features.npy", "w", force_zip64=True) as member:
-                        np.lib.format.write_array_header_1_0(member, header)
-                        for start in range(0, rows, FEATURE_BLOCK_ROWS):
-                            n = min(FEATURE_BLOCK_ROWS, rows - start)
-                            block = np.frombuffer(source.read(n * dim * 4), "<f4")
-                            if block.size != n * dim:
-                                raise EOFError("features end early")
-                            member.write(block.reshape(n, dim)[keep[start : start + n]].tobytes())
-                        member.write(np.ascontiguousarray(added.features, "<f4").tobytes())
-            except _DAMAGE as exc:
-                raise _damaged(path, exc) from exc
+                for name, parts in columns.items():
+                    parts.append(small[name][keep])
+                olds.append(old)
+                keeps.append(keep)
+            new = stack.enter_context(
+                zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED, compresslevel=1)
+            )
+            for name, parts in columns.items():
+                _write_member(new, name, np.concatenate(parts))
+            shape = (sum(int(keep.sum()) for keep in keeps), dim)
+            header = {"descr": "<f4", "fortran_order": False, "shape": shape}
+            with new.open("features.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array_header_1_0(member, header)
+                for path, old, keep in zip(sources, olds, keeps, strict=True):
+                    try:
+                        _copy_features(old, path, dim, keep, member)
+                    except _DAMAGE as exc:
+                        raise _damaged(path, exc) from exc
 
     return write
+
+
+def _copy_features(
+    old: zipfile.ZipFile, path: Path, dim: int, keep: npt.NDArray[np.bool_], out: IO[bytes]
+) -> None:
+    """Streams the rows of `old`'s features that `keep` selects into `out`, in blocks."""
+    with old.open("features.npy") as source:
+        rows = _features_header(source, path, dim, len(keep))
+        for start in range(0, rows, FEATURE_BLOCK_ROWS):
+            n = min(FEATURE_BLOCK_ROWS, rows - start)
+            block = np.frombuffer(source.read(n * dim * 4), "<f4")
+            if block.size != n * dim:
+                raise EOFError("features end early")
+            out.write(block.reshape(n, dim)[keep[start : start + n]].tobytes())
 
 
 def _columns(rows: CategoryRows) -> dict[str, np.ndarray]:

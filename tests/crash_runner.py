@@ -4,8 +4,8 @@
 
 POINT is where the process kills itself on the N-th time it gets there:
   copy        after half of an image copy into a category folder was written
-  features    after half of a category features.npz was written to its temporary file
-  append      the same, counting only category files that already existed (streamed rewrite)
+  features    after half of a category's new segment was written to its temporary file
+  merge       after half of a merge of a category's segments was written (streamed rewrite)
   catalog     after half of catalog.npz (the commit point) was written
   manifest    just before the manifest is written (the catalog is already committed)
 Nothing here is part of cbir: the kill is patched in from outside, as a power cut would be.
@@ -81,14 +81,23 @@ def install(point: str, nth: int) -> None:
         store._npz_writer = npz_writer
         return
 
-    real_appending_writer = store._appending_writer
+    if point == "merge":
+        real_merging_writer = store._merging_writer
 
-    def appending_writer(path: Path, *args):  # noqa: ANN002, ANN202
-        write = real_appending_writer(path, *args)
-        counted = point == "features" or path.exists()
-        return half_then_die(write) if counted and due() else write
+        def merging_writer(*args):  # noqa: ANN002, ANN202
+            write = real_merging_writer(*args)
+            return half_then_die(write) if due() else write
 
-    store._appending_writer = appending_writer
+        store._merging_writer = merging_writer
+        return
+
+    real_category_writer = store._category_writer
+
+    def category_writer(rows):  # noqa: ANN001, ANN202
+        write = real_category_writer(rows)
+        return half_then_die(write) if due() else write
+
+    store._category_writer = category_writer
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from cbir.cli import main
-from cbir.store import CATALOG_NAME, FEATURES_NAME, MANIFEST_NAME
+from cbir.store import CATALOG_NAME, MANIFEST_NAME
 from tests.conftest import TESTDATA, needs_shared
 
 REPO = Path(__file__).resolve().parent.parent
@@ -59,7 +59,7 @@ def test_database_files_are_plain_arrays_and_each_image_is_in_top_k_folders(phot
     manifest = json.loads((photos_db / MANIFEST_NAME).read_text())
     assert manifest["backbone"] == "efficientnet_lite0" and manifest["n_images"] == 37
     rows = 0
-    for npz_path in photos_db.glob(f"n*/{FEATURES_NAME}"):
+    for npz_path in photos_db.glob("n*/features.*.npz"):
         with np.load(npz_path, allow_pickle=False) as npz:
             features = npz["features"]
             assert features.dtype == np.float32 and features.shape[1] == 1280

@@ -12,7 +12,7 @@ import pytest
 
 from cbir.cli import main
 from cbir.images import load_image
-from cbir.store import Database
+from cbir.store import MANIFEST_NAME, Database, category_segments, read_category_folder
 from tests.conftest import TESTDATA, needs_shared
 
 pytestmark = needs_shared
@@ -104,7 +104,8 @@ def test_add_indexes_only_the_new_files_and_touches_only_their_categories(tmp_pa
     src = copy_photos(tmp_path / "src", "animals/chelsea.jpg", "food/coffee.jpg")
     db = tmp_path / "db"
     assert main(["create-db", str(src), str(db), *LITE0]) == 0
-    mtimes = {p: p.stat().st_mtime_ns for p in db.glob("n*/features.npz")}
+    mtimes = {p: p.stat().st_mtime_ns for p in db.glob("n*/features.*.npz")}
+    assert len(mtimes) >= 4
     new = copy_photos(tmp_path / "more", "vehicles/rocket.jpg")
     capsys.readouterr()
     assert main(["add", str(db), str(new / "rocket.jpg"), *LITE0]) == 0
@@ -225,3 +226,58 @@ def test_add_and_rerun_default_to_the_databases_own_settings(tmp_path, capsys):
     assert all(len(r.wnids) == 2 for r in Database.open(db).catalog.images.values())
     assert main(["add", str(db), str(more), "--top-k", "4"]) == 1
     assert "was built with --top-k 2" in capsys.readouterr().err
+
+
+def rows_by_category(db_dir: Path) -> dict[str, tuple[list[int], np.ndarray]]:
+    db = Database.open(db_dir)
+    rows = {}
+    for folder in sorted(db_dir.glob("n*_*")):
+        category = db.read_category(folder.name.split("_")[0])
+        order = np.argsort(category.ids)
+        rows[folder.name] = (category.ids[order].tolist(), category.features[order])
+    return rows
+
+
+def assert_same_rows(db_dir: Path, reference_dir: Path) -> None:
+    got, expected = rows_by_category(db_dir), rows_by_category(reference_dir)
+    assert got.keys() == expected.keys()
+    for name, (ids, features) in got.items():
+        assert ids == expected[name][0], name
+        np.testing.assert_allclose(features, expected[name][1], atol=1e-4)
+
+
+def test_each_commit_adds_segments_that_merge_into_a_few_files(tmp_path, photos_dir, photos_db):
+    db = tmp_path / "db"
+    assert main(["create-db", str(photos_dir), str(db), *LITE0, "--commit-every", "1"]) == 0
+    for folder in db.glob("n*_*"):
+        live, stale = category_segments(folder)
+        sizes = [seg.path.stat().st_size for seg in live]
+        assert not stale and len(live) <= 4, folder
+        assert all(size > 2 * sum(sizes[i + 1 :]) for i, size in enumerate(sizes)), sizes
+    assert_same_rows(db, photos_db)  # built with one commit
+
+
+def test_a_format_1_database_is_read_and_extended(tmp_path, photos_dir, photos_db, capsys):
+    """Format 1 kept each category's rows in one features.npz: it is read as the oldest
+    segment, new segments go beside it, and the manifest says format 2 from then on."""
+    db = tmp_path / "db"
+    shutil.copytree(photos_db, db)
+    for folder in db.glob("n*_*"):
+        rows = read_category_folder(folder, 1280)
+        for segment in folder.glob("features.*.npz"):
+            segment.unlink()
+        np.savez_compressed(folder / "features.npz", ids=rows.ids, paths=rows.paths,
+                            files=rows.files, features=rows.features)  # fmt: skip
+    manifest = json.loads((db / MANIFEST_NAME).read_text())
+    (db / MANIFEST_NAME).write_text(json.dumps({**manifest, "format_version": 1}))
+    assert_same_rows(db, photos_db)
+    chelsea = photos_dir / "animals" / "chelsea.jpg"
+    assert query_paths(db, chelsea, capsys)[0] == str(chelsea)
+
+    variant = copy_photos(tmp_path / "new", "../near_duplicates/chelsea__crop90.jpg")
+    assert main(["add", str(db), str(variant), *LITE0]) == 0
+    assert json.loads((db / MANIFEST_NAME).read_text())["format_version"] == 2
+    assert query_paths(db, variant / "chelsea__crop90.jpg", capsys)[0] == str(
+        variant / "chelsea__crop90.jpg"
+    )
+    assert str(chelsea) in query_paths(db, chelsea, capsys)[:2]

@@ -1,4 +1,4 @@
-"""Rewriting a category file with rows added streams its old features through in blocks."""
+"""A category's rows live in segments; merging them streams the features through in blocks."""
 
 from __future__ import annotations
 
@@ -22,48 +22,57 @@ def rows(ids: list[int], seed: int) -> CategoryRows:
     )
 
 
+def write_segment(path, category_rows: CategoryRows) -> None:
+    store._write_atomic(path, store._category_writer(category_rows))
+
+
 @pytest.mark.parametrize(
     "n_old", [0, 1, store.FEATURE_BLOCK_ROWS, 2 * store.FEATURE_BLOCK_ROWS + 7]
 )
-def test_appending_keeps_committed_rows_in_order_then_the_new_ones(tmp_path, n_old):
-    path = tmp_path / "features.npz"
+def test_merging_keeps_committed_rows_in_segment_order(tmp_path, n_old):
     old = rows(list(range(n_old)), seed=1)
-    if n_old:
-        store._write_atomic(path, store._category_writer(old))
-    committed = np.array([i for i in range(n_old) if i % 5 != 2], np.int64)  # some uncommitted
     added = rows([10_000 + i for i in range(3)], seed=2)
+    write_segment(tmp_path / "features.1-1.npz", old)
+    write_segment(tmp_path / "features.2-2.npz", added)
+    committed = np.array([i for i in range(n_old) if i % 5 != 2] + [10_001], np.int64)
 
-    store._write_atomic(path, store._appending_writer(path, DIM, committed, added))
+    sources = [tmp_path / "features.1-1.npz", tmp_path / "features.2-2.npz"]
+    merged = tmp_path / "features.1-2.npz"
+    store._write_atomic(merged, store._merging_writer(sources, DIM, committed))
 
-    got = read_category_file(path, DIM)
-    keep = np.isin(old.ids, committed)
-    np.testing.assert_array_equal(got.ids, np.concatenate([old.ids[keep], added.ids]))
-    np.testing.assert_array_equal(got.paths, np.concatenate([old.paths[keep], added.paths]))
-    np.testing.assert_array_equal(got.files, np.concatenate([old.files[keep], added.files]))
-    np.testing.assert_array_equal(
-        got.features, np.concatenate([old.features[keep], added.features])
-    )
+    got = read_category_file(merged, DIM)
+    both = store.CategoryRows.concatenate([old, added], DIM)
+    keep = np.isin(both.ids, committed)
+    np.testing.assert_array_equal(got.ids, both.ids[keep])
+    np.testing.assert_array_equal(got.paths, both.paths[keep])
+    np.testing.assert_array_equal(got.files, both.files[keep])
+    np.testing.assert_array_equal(got.features, both.features[keep])
+    # Until the merged-away files are deleted, they are stale: never read twice.
+    live, stale = store.category_segments(tmp_path)
+    assert [seg.path for seg in live] == [merged]
+    assert sorted(seg.path for seg in stale) == sources
 
 
 @pytest.mark.parametrize("damage", ["truncated", "corrupted in the middle"])
-def test_appending_to_a_damaged_file_names_it_and_the_fix(tmp_path, damage):
-    path = tmp_path / "features.npz"
-    store._write_atomic(path, store._category_writer(rows(list(range(600)), seed=1)))
+def test_merging_a_damaged_file_names_it_and_the_fix(tmp_path, damage):
+    path = tmp_path / "features.1-1.npz"
+    write_segment(path, rows(list(range(600)), seed=1))
     data = bytearray(path.read_bytes())
     if damage == "truncated":
         del data[-3000:]
     else:
         data[len(data) // 2 : len(data) // 2 + 64] = bytes(64)
     path.write_bytes(bytes(data))
-    write = store._appending_writer(path, DIM, np.arange(600), rows([7_000], seed=2))
-    with pytest.raises(DatabaseError, match="damaged.*cbir check --repair"):
-        store._write_atomic(path, write)
+    write = store._merging_writer([path], DIM, np.arange(600))
+    with pytest.raises(DatabaseError, match="features.1-1.npz is damaged.*cbir check --repair"):
+        store._write_atomic(tmp_path / "features.1-2.npz", write)
     assert len(path.read_bytes()) == len(data)  # left as it was
+    assert not (tmp_path / "features.1-2.npz").exists()
 
 
-def test_appending_features_of_another_size_is_refused(tmp_path):
-    path = tmp_path / "features.npz"
-    store._write_atomic(path, store._category_writer(rows([1, 2], seed=1)))
-    write = store._appending_writer(path, DIM + 1, np.arange(3), rows([3], seed=2))
+def test_merging_features_of_another_size_is_refused(tmp_path):
+    path = tmp_path / "features.1-1.npz"
+    write_segment(path, rows([1, 2], seed=1))
+    write = store._merging_writer([path], DIM + 1, np.arange(3))
     with pytest.raises(DatabaseError, match=r"shape \(2, 8\).*expected \(2, 9\)"):
-        store._write_atomic(path, write)
+        store._write_atomic(tmp_path / "features.1-2.npz", write)
