@@ -255,6 +255,7 @@ def test_each_commit_adds_segments_that_merge_into_a_few_files(tmp_path, photos_
         assert not stale and len(live) <= 4, folder
         assert all(size > 2 * sum(sizes[i + 1 :]) for i, size in enumerate(sizes)), sizes
     assert_same_rows(db, photos_db)  # built with one commit
+    assert main(["check", str(db)]) == 0
 
 
 def test_a_format_1_database_is_read_and_extended(tmp_path, photos_dir, photos_db, capsys):
