@@ -279,15 +279,16 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _npz_writer(**arrays: np.ndarray) -> Writing:
+def _npz_writer(**arrays: np.ndarray | Callable[[], np.ndarray]) -> Writing:
     """Writes a compressed .npz as numpy.savez_compressed does, but at zlib level 1: float
     features barely compress, and level 1 is about 3x faster than the default level 6 for a
-    file within a few percent of the same size."""
+    file within a few percent of the same size. An array may be given as the function that
+    makes it, called when its turn comes: converted copies then exist one at a time."""
 
     def write(f: io.BufferedWriter) -> None:
         with zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as npz:
             for name, array in arrays.items():
-                _write_member(npz, name, np.asanyarray(array))
+                _write_member(npz, name, np.asanyarray(array() if callable(array) else array))
 
     return write
 
@@ -297,7 +298,7 @@ def _write_member(npz: zipfile.ZipFile, name: str, array: np.ndarray) -> None:
         np.lib.format.write_array(member, array, allow_pickle=False)
 
 
-def _save_npz(path: Path, **arrays: np.ndarray) -> None:
+def _save_npz(path: Path, **arrays: np.ndarray | Callable[[], np.ndarray]) -> None:
     _write_atomic(path, _npz_writer(**arrays))
 
 
@@ -485,15 +486,17 @@ def read_category_file(path: Path, dim: int) -> CategoryRows:
 
 
 def _write_catalog(db_dir: Path, catalog: Catalog) -> None:
+    """The file keeps fixed-width str arrays (4 bytes a character): each is made from the
+    compact columns in memory only when it is written."""
     images, paths = catalog.images, catalog.paths
     _save_npz(
         db_dir / CATALOG_NAME,
         ids=images.ids,
-        sha256=images.sha256.astype("U64"),
-        stored_names=images.stored_names.astype(np.str_),
+        sha256=lambda: images.sha256.astype("U64"),
+        stored_names=lambda: images.stored_names.astype(np.str_),
         wnids=images.wnids,
         probs=images.probs,
-        path_strings=paths.strings.astype(np.str_),
+        path_strings=lambda: paths.strings.astype(np.str_),
         path_ids=paths.ids,
         path_sizes=paths.sizes,
         path_mtimes=paths.mtimes,
