@@ -52,6 +52,7 @@ CBIR_ENGINES = (("tensorflow", "fp32"), ("openvino", "fp32"), ("openvino", "bf16
 PLAIN_TF = "plain TF/Keras fp32"
 VARIANT_SCHEME = 1  # bump when the way copies are derived changes: invalidates cached sets
 SMALL_SIDE = 256  # long side of the small images used for the memory runs
+ADDED_IMAGES = 100  # new small photos added to each memory run's database
 
 # Defaults of the full run (about 6-8 minutes on 2 cores) and of --quick (1-2 minutes).
 FULL = {
@@ -173,12 +174,14 @@ def repeated_photos(source: Path, originals: list[Path], n: int, work: Path) -> 
     return target
 
 
-def small_photos(originals: list[Path], n: int, work: Path) -> Path:
-    """`n` distinct small photos (long side 256 px) for the memory runs, 1000 per folder.
+def small_photos(originals: list[Path], n: int, work: Path, mirrored: bool = False) -> Path:
+    """`n` distinct small photos (long side 256 px) for the memory runs, 1000 per folder;
+    `mirrored`: flipped left to right, so that none has the content of an unflipped one.
 
     Small, so that 10k of them are quick to make, store and decode: those runs measure memory.
     """
-    target = work / "images" / f"small-{n}-{_set_key(originals, 'small', n)}"
+    kind = "small-mirrored" if mirrored else "small"
+    target = work / "images" / f"{kind}-{n}-{_set_key(originals, kind, n)}"
     with _built_once(target) as tmp:
         if tmp is not None:
             bases = []
@@ -187,7 +190,7 @@ def small_photos(originals: list[Path], n: int, work: Path) -> Path:
                     im.draft("RGB", (SMALL_SIDE, SMALL_SIDE))
                     base = ImageOps.exif_transpose(im).convert("RGB")
                 base.thumbnail((SMALL_SIDE, SMALL_SIDE))
-                bases.append((path.stem, base))
+                bases.append((path.stem, ImageOps.mirror(base) if mirrored else base))
 
             def make(i: int) -> None:
                 stem, base = bases[i % len(bases)]
@@ -419,9 +422,12 @@ class Bench:
         return out
 
     def memory(self, originals: list[Path], model: str) -> dict[str, dict[str, float]]:
-        """Peak RSS of the real `cbir create-db` on small photos at each size, one fresh DB each."""
+        """Peak RSS of the real `cbir create-db` on small photos at each size, one fresh DB each;
+        then the wall time of `cbir add` of the same new photos to each: it should not grow
+        with the database (each commit used to rewrite every category it touched)."""
         sizes = self.args.rss_sizes
         small = small_photos(originals, max(sizes), self.args.work_dir)
+        new = small_photos(originals, ADDED_IMAGES, self.args.work_dir, mirrored=True)
         weights = weights_for(get_backbone(model))
         out = {}
         for n in sizes:
@@ -431,12 +437,14 @@ class Bench:
                 "create-db", str(source), str(db), "--model", model, "--weights", weights
             )
             info_s = self.startup("info", str(db))
+            add = self.cbir("add", str(db), str(new), "--model", model, "--weights", weights)
             shutil.rmtree(db)
             out[str(n)] = {
                 "seconds": child.wall_s,
                 "images_per_s": n / child.wall_s,
                 "max_rss_mb": child.max_rss_mb,
                 "info_s": info_s,
+                "add_s": add.wall_s,
             }
         return out
 
@@ -802,13 +810,22 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> str:
             f"{v['max_rss_mb']:.0f} MB",
             growth_per_1k(memory, n),
             f"{v['info_s']:.2f} s",
+            f"{v['add_s']:.2f} s" if "add_s" in v else "-",
         ]
         for n, v in memory.items()
     ]
     out.append(
         table(
             f"`cbir create-db` on small {SMALL_SIDE}-px photos ({args.rss_model}, fresh DB)",
-            ["images", "seconds", "images/s", "peak RSS", "per 1k more images", "then `cbir info`"],
+            [
+                "images",
+                "seconds",
+                "images/s",
+                "peak RSS",
+                "per 1k more images",
+                "then `cbir info`",
+                f"then `cbir add` of {ADDED_IMAGES} new",
+            ],  # fmt: skip
             m_rows,
         )
     )
