@@ -206,11 +206,19 @@ def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _load_npz(path: Path, names: Iterable[str]) -> dict[str, np.ndarray]:
-    """Plain arrays from a .npz, with a clear error naming the file when it is damaged."""
+def _load_npz(
+    path: Path, names: Iterable[str], as_kept: dict[str, str | type] | None = None
+) -> dict[str, np.ndarray]:
+    """Plain arrays from a .npz, with a clear error naming the file when it is damaged.
+    `as_kept`: the dtype to keep an array in, converted as soon as it is read (so that no
+    two fixed-width str arrays of the file are in memory at once)."""
+    as_kept = as_kept or {}
     try:
         with np.load(path, allow_pickle=False) as npz:
-            return {name: npz[name] for name in names}
+            return {
+                name: npz[name].astype(as_kept[name]) if name in as_kept else npz[name]
+                for name in names
+            }
     except FileNotFoundError:
         raise
     except _DAMAGE as exc:
@@ -450,7 +458,9 @@ def read_catalog(db_dir: Path, top_k: int) -> Catalog:
         return Catalog.empty(top_k)
     names = ("ids", "sha256", "stored_names", "wnids", "probs",
              "path_strings", "path_ids", "path_sizes", "path_mtimes")  # fmt: skip
-    a = _load_npz(path, names)
+    compact = {"sha256": "S64", "stored_names": object, "wnids": "U9", "probs": np.float32,
+               "path_strings": object}  # fmt: skip
+    a = _load_npz(path, names, compact)
     n, m = len(a["ids"]), len(a["path_strings"])
     if (
         any(len(a[name]) != n for name in names[:5])
@@ -459,13 +469,8 @@ def read_catalog(db_dir: Path, top_k: int) -> Catalog:
         or a["probs"].shape != a["wnids"].shape
     ):
         raise _damaged(path, ValueError("its arrays disagree in length"))
-    images = ImageTable(
-        a["ids"], a["sha256"].astype("S64"), a["stored_names"].astype(object),
-        a["wnids"].astype("U9"), a["probs"].astype(np.float32),
-    )  # fmt: skip
-    paths = PathTable(
-        a["path_strings"].astype(object), a["path_ids"], a["path_sizes"], a["path_mtimes"]
-    )
+    images = ImageTable(a["ids"], a["sha256"], a["stored_names"], a["wnids"], a["probs"])
+    paths = PathTable(a["path_strings"], a["path_ids"], a["path_sizes"], a["path_mtimes"])
     return Catalog(images, paths)
 
 
