@@ -53,6 +53,7 @@ FORMAT_VERSION = 2  # 2: category rows in segments
 MANIFEST_NAME = "cbir-db.json"
 CATALOG_NAME = "catalog.npz"
 FEATURES_NAME = "features.npz"  # a category's rows in format 1: one file, rewritten per commit
+READ_ATTEMPTS = 20  # listings of a category folder a reader tries while a writer merges
 SEGMENT_NAME = re.compile(r"features\.(\d+)-(\d+)\.npz")  # format 2: segments, see Segment
 LOCK_NAME = ".lock"
 WRITING_NAME = ".writing"
@@ -195,11 +196,19 @@ def category_segments(folder: Path) -> tuple[list[Segment], list[Segment]]:
 
 def read_category_folder(folder: Path, dim: int) -> CategoryRows:
     """All rows of a category's live segments, committed or not, oldest first.
-    Raises FileNotFoundError when it has none, DatabaseError when one is damaged."""
-    live, _ = category_segments(folder)
-    if not live:
-        raise FileNotFoundError(folder / FEATURES_NAME)
-    return CategoryRows.concatenate([read_category_file(seg.path, dim) for seg in live], dim)
+    Raises FileNotFoundError when it has none, DatabaseError when one is damaged.
+
+    A writer may merge or drop a segment between listing the folder and reading it (readers
+    take no lock): the folder is then listed again."""
+    for _ in range(READ_ATTEMPTS):
+        live, _ = category_segments(folder)
+        if not live:
+            raise FileNotFoundError(folder / FEATURES_NAME)
+        try:
+            return CategoryRows.concatenate([read_category_file(s.path, dim) for s in live], dim)
+        except FileNotFoundError:
+            continue
+    raise DatabaseError(f"{folder} changed under every one of {READ_ATTEMPTS} reads; try again")
 
 
 def now_iso() -> str:
@@ -560,6 +569,7 @@ class Writer(Database):
 
     def __init__(self, db_dir: Path, manifest: Manifest) -> None:
         super().__init__(db_dir, manifest)
+        self._format_on_disk = manifest.format_version
         manifest.format_version = FORMAT_VERSION  # what it writes needs this cbir to read
         self._pending_removals: set[str] = set()  # categories that may hold removed images
         self._folders: set[Path] = set()  # category folders known to exist
@@ -640,6 +650,7 @@ class Writer(Database):
                 )
                 yield folder / f"features.{seq}-{seq}.npz", _category_writer(added)
 
+        self._declare_format()
         _write_many_atomic(new_segments())  # its first sync also makes the copies durable
         k = self.settings.top_k
         images = ImageTable.of(
@@ -652,6 +663,18 @@ class Writer(Database):
         self._change_catalog(self.catalog.images.with_new(images), paths)
         self._commit_catalog()
         self._merge_segments(sorted(by_wnid))
+
+    def _declare_format(self) -> None:
+        """Before the first segment goes into a format-1 database, its manifest says format 2:
+        an older cbir must refuse the database, not miss the segments (or repair them away)."""
+        if self._format_on_disk < FORMAT_VERSION:
+            self._write_manifest()
+            self._format_on_disk = FORMAT_VERSION
+
+    def _write_manifest(self) -> None:
+        _write_atomic(
+            self.db_dir / MANIFEST_NAME, lambda f: f.write(self.manifest.to_json().encode())
+        )
 
     def _merge_segments(self, wnids: list[str]) -> None:
         """Merge each category's newest segments while the one before them is at most twice
@@ -668,6 +691,8 @@ class Writer(Database):
                 tail = live[first:]
                 name = f"features.{tail[0].lo}-{tail[-1].hi}.npz"
                 merges.append((tail[0].path.with_name(name), tail))
+        if not merges:
+            return  # and no syncs
         committed, dim = self.committed_ids(), self.settings.feature_dim
         _write_many_atomic(
             (target, _merging_writer([seg.path for seg in tail], dim, committed))
@@ -736,9 +761,7 @@ class Writer(Database):
             self._pending_removals.clear()
         self.manifest.n_images = len(self.catalog.images)
         self.manifest.updated = now_iso()
-        _write_atomic(
-            self.db_dir / MANIFEST_NAME, lambda f: f.write(self.manifest.to_json().encode())
-        )
+        self._write_manifest()
 
     def _drop_uncommitted_rows(self, wnids: list[str] | None = None) -> None:
         """Remove category rows and stored copies of images the catalog does not list.
@@ -894,6 +917,7 @@ class _Checker:
         paths = w.catalog.paths.select(np.isin(w.catalog.paths.ids, images.ids))
         w._catalog = catalog = Catalog(images, paths)
         primary = {i: ps[0] for i, ps in catalog.paths_of().items()}
+        w._declare_format()
         for wnid, members in sorted(w.index().members().items()):
             ids = members.tolist()  # sorted: the index lists ids in order
             folder = w.category_dir(wnid)

@@ -1,13 +1,29 @@
-"""A category's rows live in segments; merging them streams the features through in blocks."""
+"""A category's rows live in segments: merging streams the features through in blocks, readers
+are not disturbed by a writer merging, and a format-1 database is marked format 2 in time."""
 
 from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from cbir import store
 from cbir.errors import DatabaseError
-from cbir.store import CategoryRows, read_category_file
+from cbir.store import (
+    MANIFEST_NAME,
+    CategoryRows,
+    Database,
+    NewImage,
+    Settings,
+    category_segments,
+    open_writer,
+    read_category_file,
+    read_category_folder,
+)  # fmt: skip
 
 DIM = 8
 
@@ -76,3 +92,81 @@ def test_merging_features_of_another_size_is_refused(tmp_path):
     write = store._merging_writer([path], DIM + 1, np.arange(3))
     with pytest.raises(DatabaseError, match=r"shape \(2, 8\).*expected \(2, 9\)"):
         store._write_atomic(tmp_path / "features.1-2.npz", write)
+
+
+WNIDS = ("n01440764", "n01443537")  # tench, goldfish: every synthetic image is in both
+SETTINGS = Settings("synthetic", "none", DIM, top_k=2)
+
+
+def new_images(folder: Path, start: int, n: int) -> list[NewImage]:
+    """n distinct tiny source files, described as if by a model."""
+    folder.mkdir(exist_ok=True)
+    images = []
+    for i in range(start, start + n):
+        path = folder / f"{i}.jpg"
+        path.write_bytes(b"image %d" % i)
+        sha = hashlib.sha256(path.read_bytes()).hexdigest()
+        feature = np.random.default_rng(i).standard_normal(DIM).astype(np.float32)
+        info = path.stat()
+        images.append(NewImage(path, sha, info.st_size, info.st_mtime_ns, WNIDS, (0.6, 0.3),
+                               feature / np.linalg.norm(feature)))  # fmt: skip
+    return images
+
+
+def test_readers_are_not_disturbed_by_a_writer_merging_segments(tmp_path):
+    db = tmp_path / "db"
+    with open_writer(db, SETTINGS) as writer:
+        writer.add_images(new_images(tmp_path / "src", 0, 5))
+    errors: list[Exception] = []
+    counts: list[int] = []
+    writing = True
+
+    def read_while_writing() -> None:
+        while writing:
+            try:
+                counts.append(len(Database.open(db).read_category(WNIDS[0])))
+            except Exception as exc:  # noqa: BLE001 - any error is the failure
+                errors.append(exc)
+
+    reader = threading.Thread(target=read_while_writing)
+    reader.start()
+    try:
+        with open_writer(db) as writer:
+            for chunk in range(1, 80):  # every commit adds a segment, most merge
+                writer.add_images(new_images(tmp_path / "src", 5 * chunk, 5))
+    finally:
+        writing = False
+        reader.join()
+    assert not errors, errors[:3]
+    assert len(counts) > 100 and counts == sorted(counts)  # never a row lost or doubled
+    assert len(read_category_folder(db / category_folder(db), DIM)) == 400
+
+
+def category_folder(db: Path) -> str:
+    return next(p.name for p in db.iterdir() if p.name.startswith(WNIDS[0]))
+
+
+class Crash(Exception):
+    pass
+
+
+def test_a_format_1_database_says_format_2_before_its_first_segment(tmp_path, monkeypatch):
+    db = tmp_path / "db"
+    with open_writer(db, SETTINGS) as writer:
+        writer.add_images(new_images(tmp_path / "src", 0, 3))
+    for folder in [p for p in db.iterdir() if p.is_dir()]:  # back to one features.npz each
+        rows_of_folder = read_category_folder(folder, DIM)
+        for segment in category_segments(folder)[0]:
+            segment.path.unlink()
+        write_segment(folder / store.FEATURES_NAME, rows_of_folder)
+    manifest = json.loads((db / MANIFEST_NAME).read_text())
+    (db / MANIFEST_NAME).write_text(json.dumps({**manifest, "format_version": 1}))
+
+    def crash(*args: object) -> None:
+        raise Crash
+
+    monkeypatch.setattr(store, "_write_catalog", crash)  # killed at the commit point
+    with pytest.raises(Crash), open_writer(db) as writer:
+        writer.add_images(new_images(tmp_path / "src", 3, 1))
+    assert any(p.name != store.FEATURES_NAME for p in db.glob("n*/features.*.npz"))
+    assert json.loads((db / MANIFEST_NAME).read_text())["format_version"] == 2
