@@ -194,6 +194,11 @@ def category_segments(folder: Path) -> tuple[list[Segment], list[Segment]]:
     return sorted(live, key=lambda seg: seg.lo), stale
 
 
+def next_segment_number(live: list[Segment], stale: list[Segment]) -> int:
+    """One past the highest commit number of a folder's segments, stale ones included."""
+    return max((seg.hi for seg in live + stale), default=0) + 1
+
+
 def read_category_folder(folder: Path, dim: int) -> CategoryRows:
     """All rows of a category's live segments, committed or not, oldest first.
     Raises FileNotFoundError when it has none, DatabaseError when one is damaged.
@@ -461,6 +466,10 @@ def read_manifest(db_dir: Path) -> Manifest:
         raise DatabaseError(f"{path} is damaged (missing field {exc})") from exc
 
 
+def _write_manifest(db_dir: Path, manifest: Manifest) -> None:
+    _write_atomic(db_dir / MANIFEST_NAME, lambda f: f.write(manifest.to_json().encode()))
+
+
 def read_catalog(db_dir: Path, top_k: int) -> Catalog:
     path = db_dir / CATALOG_NAME
     if not path.exists():
@@ -640,8 +649,7 @@ class Writer(Database):
         def new_segments() -> Iterator[tuple[Path, Writing]]:
             for wnid, imgs in sorted(by_wnid.items()):
                 folder = self.category_dir(wnid)
-                live, stale = category_segments(folder)
-                seq = max((seg.hi for seg in live + stale), default=0) + 1
+                seq = next_segment_number(*category_segments(folder))
                 added = CategoryRows(
                     np.array([i.image_id for i in imgs], np.int64),
                     np.array([str(i.source_path) for i in imgs], np.str_),
@@ -672,9 +680,7 @@ class Writer(Database):
             self._format_on_disk = FORMAT_VERSION
 
     def _write_manifest(self) -> None:
-        _write_atomic(
-            self.db_dir / MANIFEST_NAME, lambda f: f.write(self.manifest.to_json().encode())
-        )
+        _write_manifest(self.db_dir, self.manifest)
 
     def _merge_segments(self, wnids: list[str]) -> None:
         """Merge each category's newest segments while the one before them is at most twice
@@ -930,7 +936,7 @@ class _Checker:
                     if source is not None:
                         shutil.copyfile(source, target)
             live, stale = category_segments(folder)
-            whole = f"features.0-{max((seg.hi for seg in live + stale), default=0) + 1}.npz"
+            whole = f"features.0-{next_segment_number(live, stale)}.npz"
             _write_atomic(folder / whole, _category_writer(CategoryRows(
                 np.array(ids, np.int64),
                 np.array([primary[i] for i in ids], np.str_),
@@ -1054,7 +1060,7 @@ def open_writer(
                 check_compatible(db_dir, manifest.settings, settings.backbone, settings.weights)
         elif settings is not None:
             manifest = Manifest(settings, now_iso(), now_iso())
-            _write_atomic(db_dir / MANIFEST_NAME, lambda f: f.write(manifest.to_json().encode()))
+            _write_manifest(db_dir, manifest)
         writer = Writer(db_dir, manifest)
         marker = db_dir / WRITING_NAME
         if not repair_interrupted:
