@@ -65,7 +65,7 @@ def query(db_dir: Path, image: Path) -> dict[str, object]:
     t3 = time.perf_counter()
     described = model.describe(pixels[None])
     t4 = time.perf_counter()
-    members = db.index().members()
+    members = db.category_members()
     gating = choose_categories(
         described.probs[0], categories.wnids(), members, db.settings.top_k, options.min_candidates
     )

@@ -1,11 +1,9 @@
-"""The catalog in memory: every committed image and every source path, as sorted columns.
+"""The whole catalog in memory: every committed image and every source path, as sorted columns.
 
-Per-image Python objects (a record, tuples, a dict entry) cost about 1.5 KB an image: 1.7 GB
-and 6 s to open a catalog of a million images, and 10 s to rebuild its arrays at each commit.
-Columns cost about 0.5 KB an image, open in a fraction of that time, and a commit inserts its
-chunk of rows with numpy. Tables are immutable (their arrays are read-only): a writer replaces
-its catalog with a new one in a single assignment, so a thread reading it never sees half a
-change. Reading and writing catalog.npz is the store's job.
+For the tools that go through every image (check, evaluate, remove, sync, tests) and for reading
+the catalog.npz of older databases. Columns cost about 0.5 KB an image, where per-image Python
+objects (a record, tuples, a dict entry) cost 1.5 KB. Tables are immutable (their arrays are
+read-only). The catalog on disk, and what a writer asks of it, is `cbir.catalogdb`.
 """
 
 from __future__ import annotations
@@ -91,7 +89,7 @@ class ImageTable(Mapping[int, ImageRecord]):
         return cls(
             np.array(ids, np.int64),
             np.array([r.sha256 for r in recs], "S64"),
-            _objects(r.stored_name for r in recs),
+            str_objects(r.stored_name for r in recs),
             np.array([_pad(r.wnids, k, "") for r in recs], "U9").reshape(len(recs), k),
             np.array([_pad(r.probs, k, 0.0) for r in recs], np.float32).reshape(len(recs), k),
         )
@@ -126,18 +124,6 @@ class ImageTable(Mapping[int, ImageRecord]):
             self.wnids[keep], self.probs[keep],
         )  # fmt: skip
 
-    def with_new(self, new: ImageTable) -> ImageTable:
-        """This table and the images of `new` it does not hold yet."""
-        pos, found = _positions(self.ids, new.ids)
-        pos, new = pos[~found], new.select(~found)
-        return ImageTable(
-            np.insert(self.ids, pos, new.ids),
-            np.insert(self.sha256, pos, new.sha256),
-            np.insert(self.stored_names, pos, new.stored_names),
-            np.insert(self.wnids, pos, _width(new.wnids, self.k, ""), axis=0),
-            np.insert(self.probs, pos, _width(new.probs, self.k, 0.0), axis=0),
-        )
-
 
 class PathTable(Mapping[str, PathRecord]):
     """Source paths: strings (m,) object (str), sorted and unique; ids, sizes, mtimes (m,)
@@ -161,21 +147,21 @@ class PathTable(Mapping[str, PathRecord]):
         paths = sorted(records)
         recs = [records[p] for p in paths]
         return cls(
-            _objects(paths),
+            str_objects(paths),
             np.array([r.image_id for r in recs], np.int64),
             np.array([r.size for r in recs], np.int64),
             np.array([r.mtime_ns for r in recs], np.int64),
         )
 
     def __getitem__(self, path: str) -> PathRecord:
-        pos, found = _positions(self.strings, _objects([path]))
+        pos, found = _positions(self.strings, str_objects([path]))
         if not found[0]:
             raise KeyError(path)
         i = int(pos[0])
         return PathRecord(int(self.ids[i]), int(self.sizes[i]), int(self.mtimes[i]))
 
     def __contains__(self, path: object) -> bool:
-        return isinstance(path, str) and bool(_positions(self.strings, _objects([path]))[1][0])
+        return isinstance(path, str) and bool(_positions(self.strings, str_objects([path]))[1][0])
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.strings.tolist())
@@ -185,26 +171,6 @@ class PathTable(Mapping[str, PathRecord]):
 
     def select(self, keep: npt.NDArray[np.bool_]) -> PathTable:
         return PathTable(self.strings[keep], self.ids[keep], self.sizes[keep], self.mtimes[keep])
-
-    def updated(
-        self, new: PathTable, forget: Iterable[str] = ()
-    ) -> tuple[PathTable, npt.NDArray[np.int64]]:
-        """This table with the paths of `new` added (replacing the same paths) and the paths in
-        `forget` removed; also the ids the replaced and forgotten paths pointed at."""
-        gone = np.concatenate([new.strings, _objects(forget)])
-        pos, found = _positions(self.strings, gone)
-        keep = np.ones(len(self), bool)
-        keep[pos[found]] = False
-        displaced = self.ids[pos[found]]
-        kept = self.select(keep)
-        at = np.searchsorted(kept.strings, new.strings)
-        table = PathTable(
-            np.insert(kept.strings, at, new.strings),
-            np.insert(kept.ids, at, new.ids),
-            np.insert(kept.sizes, at, new.sizes),
-            np.insert(kept.mtimes, at, new.mtimes),
-        )
-        return table, displaced
 
 
 @dataclass(frozen=True)
@@ -227,11 +193,25 @@ class Catalog:
             by_id.setdefault(image_id, []).append(path)
         return by_id
 
+    def members(self) -> dict[str, npt.NDArray[np.int64]]:
+        """wnid -> (m,) sorted ids of the images stored in that category."""
+        wnids = self.images.wnids
+        flat = wnids.reshape(-1)
+        owners = np.repeat(self.images.ids, wnids.shape[1])
+        keep = flat != ""
+        flat, owners = flat[keep], owners[keep]
+        if not len(flat):
+            return {}
+        order = np.argsort(flat, kind="stable")
+        names, starts = np.unique(flat[order], return_index=True)
+        groups = np.split(owners[order], starts[1:])
+        return dict(zip(names.tolist(), groups, strict=True))
+
     def sources_of(self, image_id: int) -> list[str]:
         return self.paths.strings[self.paths.ids == image_id].tolist()
 
 
-def _objects(strings: Iterable[str]) -> npt.NDArray[np.object_]:
+def str_objects(strings: Iterable[str]) -> npt.NDArray[np.object_]:
     """A 1-D object array of Python strings (np.array would make a fixed-width U array,
     4 bytes per character of the longest one)."""
     items = list(strings)
@@ -242,11 +222,3 @@ def _objects(strings: Iterable[str]) -> npt.NDArray[np.object_]:
 
 def _pad(values: tuple, k: int, filler: object) -> list:
     return [*values[:k], *[filler] * (k - len(values))]
-
-
-def _width(array: np.ndarray, k: int, filler: object) -> np.ndarray:
-    """(n, j) -> (n, k): cut, or padded with `filler`."""
-    if array.shape[1] >= k:
-        return array[:, :k]
-    pad = np.full((len(array), k - array.shape[1]), filler, array.dtype)
-    return np.concatenate([array, pad], axis=1)

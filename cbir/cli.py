@@ -419,7 +419,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         "feature_dim": s.feature_dim, "pooling": s.pooling, "top_k": s.top_k, "link": s.link,
         "engine": s.engine, "precision": s.precision, "resize": s.resize,
         "format_version": db.manifest.format_version, "created": db.manifest.created,
-        "updated": db.manifest.updated, "images": len(db.committed_ids()),
+        "updated": db.manifest.updated, "images": db.n_images(),
         "paths": db.n_paths(), "disk_bytes": db.disk_bytes(),
         "categories": [{"id": w, "name": categories.names_by_wnid()[w], "images": n}
                        for w, n in sizes],

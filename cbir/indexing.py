@@ -175,7 +175,7 @@ def _describe_and_store(
     size = get_backbone(options.backbone).input_size
     advance = callbacks.progress(len(todo))
     seen_in_run: set[str] = set()
-    n_before = len(writer.catalog.images)
+    n_before = writer.n_images()
     committer = _Committer(writer, options.commit_every)
 
     def prepare(found: _Found) -> _Prepared:
@@ -225,7 +225,7 @@ def _describe_and_store(
         committer.wait()
     finally:
         committer.close()
-    report.removed = n_before + report.indexed - len(writer.catalog.images)
+    report.removed = n_before + report.indexed - writer.n_images()
 
 
 def _load(options: IndexOptions) -> Model:

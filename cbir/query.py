@@ -89,7 +89,7 @@ def run_queries(
             outcome[path] = bad
     if loaded:
         described = model.describe(np.stack([pixels for _, pixels in loaded]))
-        members = db.index().members()
+        members = db.category_members()
         for i, (path, _) in enumerate(loaded):
             feature = described.features[db.settings.pooling][i]
             outcome[path] = _search(db, path, described.probs[i], feature, members, options)
@@ -115,11 +115,10 @@ def _search(
         gating = choose_categories(probs, wnids, members, k, options.min_candidates)
     rows = db.read_categories(gating.wnids)
     best, scores = top_matches(feature, rows.features, options.n_results, options.query_expansion)
-    index = db.index()
     hits = []
     for i, score in zip(best, scores, strict=True):
         image_id = int(rows.ids[i])
-        stored_in = index.wnids_of(image_id)
+        stored_in = db.wnids_of(image_id)
         stored_path = db.category_dir(stored_in[0]) / str(rows.files[i])
         hits.append(Hit(str(rows.paths[i]), float(score), image_id, stored_in, stored_path))
     return QueryResult(path, own, gating, len(rows), tuple(hits))

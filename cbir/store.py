@@ -34,24 +34,26 @@ import re
 import shutil
 import zipfile
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from stat import S_ISREG
-from typing import IO
+from typing import IO, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
 from cbir import categories
 from cbir.catalog import Catalog, ImageRecord, ImageTable, PathRecord, PathTable
+from cbir.catalogdb import CatalogDB, CatalogError, NewRecord
 from cbir.errors import CbirError, DatabaseError, DatabaseLocked
 from cbir.hashing import file_sha256, image_id_of
 
-FORMAT_VERSION = 2  # 2: category rows in segments
+FORMAT_VERSION = 3  # 2: category rows in segments; 3: the catalog in SQLite
 MANIFEST_NAME = "cbir-db.json"
-CATALOG_NAME = "catalog.npz"
+CATALOG_NAME = "catalog.sqlite"
+LEGACY_CATALOG_NAME = "catalog.npz"  # the catalog in formats 1 and 2: rewritten per commit
 FEATURES_NAME = "features.npz"  # a category's rows in format 1: one file, rewritten per commit
 READ_ATTEMPTS = 20  # listings of a category folder a reader tries while a writer merges
 SEGMENT_NAME = re.compile(r"features\.(\d+)-(\d+)\.npz")  # format 2: segments, see Segment
@@ -252,6 +254,7 @@ def _damaged(path: Path, exc: BaseException) -> DatabaseError:
 
 
 Writing = Callable[[io.BufferedWriter], None]
+T = TypeVar("T")
 
 
 def _tmp_name(path: Path) -> Path:
@@ -324,34 +327,29 @@ def _save_npz(path: Path, **arrays: np.ndarray | Callable[[], np.ndarray]) -> No
     _write_atomic(path, _npz_writer(**arrays))
 
 
-@dataclass(frozen=True)
-class CatalogIndex:
-    """What queries need from the catalog, as arrays (no per-image Python objects)."""
+class CategoryMembers(Mapping[str, npt.NDArray[np.int64]]):
+    """wnid -> (m,) sorted ids of the committed images stored in that category. Members are
+    read from the catalog when first asked for: a query needs a few categories, not all."""
 
-    ids: npt.NDArray[np.int64]  # (n,) committed image ids, sorted
-    wnids: npt.NDArray[np.str_]  # (n, k) each image's categories, most probable first
+    def __init__(self, db: Database) -> None:
+        self._db, self._sizes = db, db.category_sizes()
+        self._members: dict[str, npt.NDArray[np.int64]] = {}
 
-    def sizes(self) -> dict[str, int]:
-        """wnid -> number of images stored in that category."""
-        names, counts = np.unique(self.wnids[self.wnids != ""], return_counts=True)
-        return dict(zip(names.tolist(), counts.tolist(), strict=True))
+    def __getitem__(self, wnid: str) -> npt.NDArray[np.int64]:
+        if wnid not in self._sizes:
+            raise KeyError(wnid)
+        if wnid not in self._members:
+            self._members[wnid] = self._db.members(wnid)
+        return self._members[wnid]
 
-    def members(self) -> dict[str, npt.NDArray[np.int64]]:
-        """wnid -> (m,) ids of the images stored in that category."""
-        flat = self.wnids.reshape(-1)
-        owners = np.repeat(self.ids, self.wnids.shape[1])
-        keep = flat != ""
-        flat, owners = flat[keep], owners[keep]
-        if not len(flat):
-            return {}
-        order = np.argsort(flat, kind="stable")
-        names, starts = np.unique(flat[order], return_index=True)
-        groups = np.split(owners[order], starts[1:])
-        return dict(zip(names.tolist(), groups, strict=True))
+    def __contains__(self, wnid: object) -> bool:
+        return wnid in self._sizes
 
-    def wnids_of(self, image_id: int) -> tuple[str, ...]:
-        row = self.wnids[np.searchsorted(self.ids, image_id)]
-        return tuple(w for w in row.tolist() if w)
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._sizes)
+
+    def __len__(self) -> int:
+        return len(self._sizes)
 
 
 class Database:
@@ -360,8 +358,8 @@ class Database:
     def __init__(self, db_dir: Path, manifest: Manifest) -> None:
         self.db_dir = db_dir
         self.manifest = manifest
-        self._catalog: Catalog | None = None
-        self._index: CatalogIndex | None = None
+        self._catalog_file: CatalogDB | None = None
+        self._snapshot: Catalog | None = None
 
     @property
     def settings(self) -> Settings:
@@ -371,61 +369,72 @@ class Database:
     def open(cls, db_dir: Path) -> Database:
         return cls(db_dir, read_manifest(db_dir))
 
+    def _catalog_db(self) -> CatalogDB:
+        """The catalog, opened on first use. A database of format 1 or 2 (catalog.npz) is
+        read into memory; a writer converts it on disk instead (`Writer._catalog_db`)."""
+        if self._catalog_file is None:
+            path = self.db_dir / CATALOG_NAME
+            if path.exists():
+                self._catalog_file = _open_catalog(path)
+            else:
+                self._catalog_file = CatalogDB.in_memory(self._legacy_catalog())
+        return self._catalog_file
+
+    def _legacy_catalog(self) -> Catalog:
+        return read_legacy_catalog(self.db_dir, self.settings.top_k)
+
     @property
     def catalog(self) -> Catalog:
-        if self._catalog is None:
-            self._catalog = read_catalog(self.db_dir, self.settings.top_k)
-        return self._catalog
+        """The whole catalog in memory (read once): for tools that go through every image."""
+        if self._snapshot is None:
+            self._snapshot = _catalog_call(self.db_dir, self._catalog_db().snapshot,
+                                           self.settings.top_k)  # fmt: skip
+        return self._snapshot
 
     def category_dir(self, wnid: str) -> Path:
         return self.db_dir / categories.folder_name(wnid)
 
-    def index(self) -> CatalogIndex:
-        """The catalog's ids and categories, read once (two arrays of catalog.npz)."""
-        if self._index is None:
-            path = self.db_dir / CATALOG_NAME
-            if path.exists():
-                arrays = _load_npz(path, ("ids", "wnids"))
-                self._index = CatalogIndex(arrays["ids"], arrays["wnids"])
-            else:
-                self._index = CatalogIndex(np.zeros(0, np.int64), np.zeros((0, 1), "U9"))
-        return self._index
+    def n_images(self) -> int:
+        return _catalog_call(self.db_dir, self._catalog_db().n_images)
 
     def n_paths(self) -> int:
         """How many source paths point at the database's images (>= the number of images)."""
-        path = self.db_dir / CATALOG_NAME
-        return len(_load_npz(path, ("path_ids",))["path_ids"]) if path.exists() else 0
+        return _catalog_call(self.db_dir, self._catalog_db().n_paths)
 
     def category_sizes(self) -> dict[str, int]:
         """wnid -> number of committed images in it, from the catalog (no category file read)."""
-        return self.index().sizes()
+        return _catalog_call(self.db_dir, self._catalog_db().category_sizes)
 
-    def committed_ids(self) -> npt.NDArray[np.int64]:
-        """(n,) ids of the images the catalog lists, sorted."""
-        return self.index().ids
+    def members(self, wnid: str) -> npt.NDArray[np.int64]:
+        """(m,) sorted ids of the committed images stored in category `wnid`."""
+        return _catalog_call(self.db_dir, self._catalog_db().members, wnid)
 
-    def read_category(
-        self, wnid: str, committed: npt.NDArray[np.int64] | None = None
-    ) -> CategoryRows:
+    def category_members(self) -> CategoryMembers:
+        """wnid -> its members, for every category with images (see CategoryMembers)."""
+        return CategoryMembers(self)
+
+    def wnids_of(self, image_id: int) -> tuple[str, ...]:
+        """An image's categories, most probable first."""
+        return _catalog_call(self.db_dir, self._catalog_db().wnids_of, image_id)
+
+    def read_category(self, wnid: str) -> CategoryRows:
         """Committed rows of one category (rows the catalog does not list are left out)."""
         folder = self.category_dir(wnid)
+        committed = self.members(wnid)
         try:
             rows = read_category_folder(folder, self.settings.feature_dim)
         except FileNotFoundError:
-            if wnid in self.category_sizes():
+            if len(committed):
                 raise DatabaseError(
                     f"{folder} has no features file but the catalog lists images in it; "
                     "run 'cbir check --repair'"
                 ) from None
             return CategoryRows.empty(self.settings.feature_dim)
-        if committed is None:
-            committed = self.committed_ids()
         return rows.select(np.isin(rows.ids, committed)).unique()
 
     def read_categories(self, wnids: Iterable[str]) -> CategoryRows:
         """Committed rows of several categories, each image once (an image is in up to k)."""
-        committed = self.committed_ids()
-        parts = [self.read_category(w, committed) for w in wnids]
+        parts = [self.read_category(w) for w in wnids]
         return CategoryRows.concatenate(parts, self.settings.feature_dim).unique()
 
     def disk_bytes(self) -> int:
@@ -470,8 +479,9 @@ def _write_manifest(db_dir: Path, manifest: Manifest) -> None:
     _write_atomic(db_dir / MANIFEST_NAME, lambda f: f.write(manifest.to_json().encode()))
 
 
-def read_catalog(db_dir: Path, top_k: int) -> Catalog:
-    path = db_dir / CATALOG_NAME
+def read_legacy_catalog(db_dir: Path, top_k: int) -> Catalog:
+    """The catalog.npz of a database of format 1 or 2 (empty when there is none)."""
+    path = db_dir / LEGACY_CATALOG_NAME
     if not path.exists():
         return Catalog.empty(top_k)
     names = ("ids", "sha256", "stored_names", "wnids", "probs",
@@ -508,22 +518,19 @@ def read_category_file(path: Path, dim: int) -> CategoryRows:
     return rows
 
 
-def _write_catalog(db_dir: Path, catalog: Catalog) -> None:
-    """The file keeps fixed-width str arrays (4 bytes a character): each is made from the
-    compact columns in memory only when it is written."""
-    images, paths = catalog.images, catalog.paths
-    _save_npz(
-        db_dir / CATALOG_NAME,
-        ids=images.ids,
-        sha256=lambda: images.sha256.astype("U64"),
-        stored_names=lambda: images.stored_names.astype(np.str_),
-        wnids=images.wnids,
-        probs=images.probs,
-        path_strings=lambda: paths.strings.astype(np.str_),
-        path_ids=paths.ids,
-        path_sizes=paths.sizes,
-        path_mtimes=paths.mtimes,
-    )
+def _open_catalog(path: Path) -> CatalogDB:
+    try:
+        return CatalogDB.open(path)
+    except CatalogError as exc:
+        raise _damaged(path, exc) from exc
+
+
+def _catalog_call(db_dir: Path, method: Callable[..., T], *args: object) -> T:
+    """A catalog read or write; a damaged file is named, with the fix."""
+    try:
+        return method(*args)
+    except CatalogError as exc:
+        raise _damaged(db_dir / CATALOG_NAME, exc) from exc
 
 
 def _merged(recorded: str, new: str) -> str:
@@ -578,15 +585,49 @@ class Writer(Database):
 
     def __init__(self, db_dir: Path, manifest: Manifest) -> None:
         super().__init__(db_dir, manifest)
-        self._format_on_disk = manifest.format_version
-        manifest.format_version = FORMAT_VERSION  # what it writes needs this cbir to read
         self._pending_removals: set[str] = set()  # categories that may hold removed images
         self._folders: set[Path] = set()  # category folders known to exist
 
-    def index(self) -> CatalogIndex:
-        """Built from the catalog in memory, which this writer changes."""
-        images = self.catalog.images
-        return CatalogIndex(images.ids, images.wnids)
+    def _catalog_db(self) -> CatalogDB:
+        """The catalog file, opened on first use; before that, a database of format 1 or 2 is
+        converted: catalog.sqlite is written whole and renamed into place, then the manifest
+        says format 3 (an older cbir must refuse the database from then on, not miss the
+        new files), then catalog.npz goes. Every write goes through here first."""
+        if self._catalog_file is None:
+            path = self.db_dir / CATALOG_NAME
+            if not path.exists():
+                self._replace_catalog_file(self._legacy_catalog())
+            if self.manifest.format_version < FORMAT_VERSION:
+                self.manifest.format_version = FORMAT_VERSION
+                self._write_manifest()
+            with contextlib.suppress(FileNotFoundError):
+                (self.db_dir / LEGACY_CATALOG_NAME).unlink()
+            if self._catalog_file is None:
+                self._catalog_file = _open_catalog(path)
+        return self._catalog_file
+
+    def _replace_catalog_file(self, catalog: Catalog) -> None:
+        """Write `catalog` as a new catalog file, atomically (the old one may be damaged)."""
+        path = self.db_dir / CATALOG_NAME
+        tmp = _tmp_name(path)
+        try:
+            CatalogDB.write_new(tmp, catalog)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            if self._catalog_file is not None:
+                self._catalog_file.close()
+                self._catalog_file = None
+            os.replace(tmp, path)
+            _fsync_dir(self.db_dir)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+        self._snapshot = None
+
+    @property
+    def catalog(self) -> Catalog:
+        """The whole catalog in memory, read now: a writer's catalog changes."""
+        return _catalog_call(self.db_dir, self._catalog_db().snapshot, self.settings.top_k)
 
     # -- adding -----------------------------------------------------------------------------
 
@@ -600,23 +641,21 @@ class Writer(Database):
 
     def lookup_path(self, path: str, size: int, mtime_ns: int) -> int | None:
         """The image id of an unchanged, already indexed file, else None."""
-        rec = self.catalog.paths.get(path)
+        rec = _catalog_call(self.db_dir, self._catalog_db().path_record, path)
         if rec is not None and rec.size == size and rec.mtime_ns == mtime_ns:
             return rec.image_id
         return None
 
     def has_image(self, sha256: str) -> bool:
-        return image_id_of(sha256) in self.catalog.images
+        return _catalog_call(self.db_dir, self._catalog_db().has_image, image_id_of(sha256))
 
     def add_paths(self, entries: list[tuple[str, str, int, int]]) -> None:
         """Remember more source paths (path, sha256, size, mtime_ns) of images already indexed."""
         if not entries:
             return
-        new_paths = {
-            path: PathRecord(image_id_of(sha), size, mtime) for path, sha, size, mtime in entries
-        }
-        self._change_catalog(self.catalog.images, PathTable.of(new_paths))
-        self._commit_catalog()
+        self._commit(paths=[
+            (path, PathRecord(image_id_of(sha), size, mtime)) for path, sha, size, mtime in entries
+        ])  # fmt: skip
 
     def place_copies(self, images: Iterable[NewImage]) -> None:
         """Store the copies of described images ahead of their commit, so that copying overlaps
@@ -628,7 +667,7 @@ class Writer(Database):
 
     def add_images(self, new: list[NewImage]) -> None:
         """Store a chunk of new images and commit it (see the module docstring for the order)."""
-        new = [img for img in new if not self.has_image(img.sha256)]
+        new = [img for img in new if not self.has_image(img.sha256)]  # also opens the catalog
         if not new:
             return
         dim = self.settings.feature_dim
@@ -658,26 +697,13 @@ class Writer(Database):
                 )
                 yield folder / f"features.{seq}-{seq}.npz", _category_writer(added)
 
-        self._declare_format()
         _write_many_atomic(new_segments())  # its first sync also makes the copies durable
-        k = self.settings.top_k
-        images = ImageTable.of(
-            {i.image_id: ImageRecord(i.sha256, stored_name(i.source_path, i.sha256), i.wnids,
-                                     i.probs) for i in new}, k
+        self._commit(
+            images=[NewRecord(i.image_id, i.sha256, stored_name(i.source_path, i.sha256),
+                              i.wnids, i.probs) for i in new],
+            paths=[(str(i.source_path), PathRecord(i.image_id, i.size, i.mtime_ns)) for i in new],
         )  # fmt: skip
-        paths = PathTable.of(
-            {str(i.source_path): PathRecord(i.image_id, i.size, i.mtime_ns) for i in new}
-        )
-        self._change_catalog(self.catalog.images.with_new(images), paths)
-        self._commit_catalog()
         self._merge_segments(sorted(by_wnid))
-
-    def _declare_format(self) -> None:
-        """Before the first segment goes into a format-1 database, its manifest says format 2:
-        an older cbir must refuse the database, not miss the segments (or repair them away)."""
-        if self._format_on_disk < FORMAT_VERSION:
-            self._write_manifest()
-            self._format_on_disk = FORMAT_VERSION
 
     def _write_manifest(self) -> None:
         _write_manifest(self.db_dir, self.manifest)
@@ -685,7 +711,7 @@ class Writer(Database):
     def _merge_segments(self, wnids: list[str]) -> None:
         """Merge each category's newest segments while the one before them is at most twice
         their size together (file sizes stand for row counts: features are most of a file)."""
-        merges: list[tuple[Path, list[Segment]]] = []
+        merges: list[tuple[str, Path, list[Segment]]] = []
         for wnid in wnids:
             live, _ = category_segments(self.category_dir(wnid))
             sizes = [seg.path.stat().st_size for seg in live]
@@ -696,15 +722,15 @@ class Writer(Database):
             if first < len(live) - 1:
                 tail = live[first:]
                 name = f"features.{tail[0].lo}-{tail[-1].hi}.npz"
-                merges.append((tail[0].path.with_name(name), tail))
+                merges.append((wnid, tail[0].path.with_name(name), tail))
         if not merges:
             return  # and no syncs
-        committed, dim = self.committed_ids(), self.settings.feature_dim
+        dim = self.settings.feature_dim
         _write_many_atomic(
-            (target, _merging_writer([seg.path for seg in tail], dim, committed))
-            for target, tail in merges
+            (target, _merging_writer([seg.path for seg in tail], dim, self.members(wnid)))
+            for wnid, target, tail in merges
         )
-        for _, tail in merges:
+        for _, _, tail in merges:
             for seg in tail:
                 seg.path.unlink()
 
@@ -737,35 +763,26 @@ class Writer(Database):
 
     def remove_paths(self, paths: Iterable[str]) -> int:
         """Forget source paths; images left with no path are removed. Returns images removed."""
-        n_before = len(self.catalog.images)
-        self._change_catalog(self.catalog.images, PathTable.empty(), forget=paths)
-        self._commit_catalog()
-        return n_before - len(self.catalog.images)
-
-    def _change_catalog(
-        self, images: ImageTable, new_paths: PathTable, forget: Iterable[str] = ()
-    ) -> None:
-        """Take `images` as the catalog's images, point `new_paths` at theirs and forget the
-        paths in `forget`; images no path points at any more are dropped. The catalog is
-        replaced in one assignment: the decode threads read it meanwhile."""
-        paths, displaced = self.catalog.paths.updated(new_paths, forget)
-        unused = displaced[~np.isin(displaced, paths.ids)]
-        if len(unused):
-            dropped = np.isin(images.ids, unused)
-            wnids = images.wnids[dropped]
-            self._pending_removals.update(wnids[wnids != ""].tolist())
-            images = images.select(~dropped)
-        self._catalog = Catalog(images, paths)
+        n_before = self.n_images()
+        self._commit(forget=paths)
+        return n_before - self.n_images()
 
     # -- committing -------------------------------------------------------------------------
 
-    def _commit_catalog(self) -> None:
-        """Write the catalog (the commit point), then tidy what removals left behind."""
-        _write_catalog(self.db_dir, self.catalog)
+    def _commit(
+        self,
+        images: Iterable[NewRecord] = (),
+        paths: Iterable[tuple[str, PathRecord]] = (),
+        forget: Iterable[str] = (),
+    ) -> None:
+        """Commit to the catalog (the commit point; see `CatalogDB.commit`), then tidy what
+        removals left behind and update the manifest."""
+        dropped = _catalog_call(self.db_dir, self._catalog_db().commit, images, paths, forget)
+        self._pending_removals.update(dropped)
         if self._pending_removals:
             self._drop_uncommitted_rows(sorted(self._pending_removals))
             self._pending_removals.clear()
-        self.manifest.n_images = len(self.catalog.images)
+        self.manifest.n_images = self.n_images()
         self.manifest.updated = now_iso()
         self._write_manifest()
 
@@ -774,13 +791,13 @@ class Writer(Database):
 
         Only the categories in `wnids` are visited, or every category folder when None.
         """
-        committed = self.committed_ids()
         if wnids is None:
             folders = list(self._category_folders())
         else:
             folders = [d for d in map(self.category_dir, wnids) if d.is_dir()]
         dim = self.settings.feature_dim
         for folder in folders:
+            committed = self.members(categories.wnid_of_folder(folder.name))
             live, _ = category_segments(folder)
             wanted = set()
             for seg in live:
@@ -796,6 +813,12 @@ class Writer(Database):
             with contextlib.suppress(OSError):
                 folder.rmdir()  # empty category folders go
                 self._folders.discard(folder)
+
+    def set_catalog(self, catalog: Catalog) -> None:
+        """Replace the whole catalog (check --repair): written as a new file, renamed."""
+        self._replace_catalog_file(catalog)
+        self._catalog_db()  # opens it, and removes a catalog.npz
+        self._commit()
 
     def _category_folders(self) -> Iterator[Path]:
         for entry in sorted(self.db_dir.iterdir()):
@@ -834,6 +857,7 @@ class _Checker:
     def __init__(self, writer: Writer, repair: bool) -> None:
         self.w, self.repair, self.problems = writer, repair, []
         self.dim = writer.settings.feature_dim
+        self.catalog = Catalog.empty(writer.settings.top_k)  # read (or rebuilt) by run()
 
     def say(self, what: str, fix: str = "") -> None:
         self.problems.append(f"{what}; {fix}" if self.repair and fix else what)
@@ -852,11 +876,10 @@ class _Checker:
             for leftover in [*folder.glob(".tmp-*"), *stale]:
                 self.say(f"{leftover} is a leftover of an interrupted write", "deleted")
         try:
-            catalog = w.catalog
+            self.catalog = catalog = w.catalog
         except DatabaseError as exc:
             self.say(str(exc).split("; run")[0], "rebuilt from the category files")
-            catalog = self._catalog_from_rows(rows_by_folder)
-            w._catalog = catalog
+            self.catalog = catalog = self._catalog_from_rows(rows_by_folder)
         features: dict[int, npt.NDArray[np.float32]] = {}
         for rows in rows_by_folder.values():
             features.update(zip(rows.ids.tolist(), rows.features, strict=True))
@@ -895,7 +918,7 @@ class _Checker:
             candidate = self.w.category_dir(wnid) / rec.stored_name
             if candidate.is_file():
                 return candidate
-        for path in self.w.catalog.sources_of(image_id_of(rec.sha256)):
+        for path in self.catalog.sources_of(image_id_of(rec.sha256)):
             if Path(path).is_file():
                 return Path(path)
         return None
@@ -919,12 +942,14 @@ class _Checker:
 
     def _rebuild(self, features: dict[int, npt.NDArray[np.float32]], dropped: list[int]) -> None:
         w = self.w
-        images = w.catalog.images.select(~np.isin(w.catalog.images.ids, dropped))
-        paths = w.catalog.paths.select(np.isin(w.catalog.paths.ids, images.ids))
-        w._catalog = catalog = Catalog(images, paths)
+        images = self.catalog.images.select(~np.isin(self.catalog.images.ids, dropped))
+        paths = self.catalog.paths.select(np.isin(self.catalog.paths.ids, images.ids))
+        self.catalog = catalog = Catalog(images, paths)
         primary = {i: ps[0] for i, ps in catalog.paths_of().items()}
-        w._declare_format()
-        for wnid, members in sorted(w.index().members().items()):
+        if w.manifest.format_version < FORMAT_VERSION:  # before the first segment is written
+            w.manifest.format_version = FORMAT_VERSION
+            w._write_manifest()
+        for wnid, members in sorted(catalog.members().items()):
             ids = members.tolist()  # sorted: the index lists ids in order
             folder = w.category_dir(wnid)
             folder.mkdir(exist_ok=True)
@@ -945,7 +970,7 @@ class _Checker:
             )))  # fmt: skip
             for seg in live + stale:
                 seg.path.unlink()  # all inside the new segment's range
-        w._commit_catalog()
+        w.set_catalog(catalog)
         w.repair()
 
 

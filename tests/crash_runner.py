@@ -6,13 +6,15 @@ POINT is where the process kills itself on the N-th time it gets there:
   copy        after half of an image copy into a category folder was written
   features    after half of a category's new segment was written to its temporary file
   merge       after half of a merge of a category's segments was written (streamed rewrite)
-  catalog     after half of catalog.npz (the commit point) was written
+  catalog     with a commit's rows written into the catalog's transaction, before COMMIT
+              (the commit point; SQLite makes the commit itself atomic)
   manifest    just before the manifest is written (the catalog is already committed)
 Nothing here is part of cbir: the kill is patched in from outside, as a power cut would be.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import signal
@@ -21,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cbir import store  # noqa: E402
+from cbir import catalogdb, store  # noqa: E402
 from cbir.cli import main  # noqa: E402
 
 
@@ -72,13 +74,17 @@ def install(point: str, nth: int) -> None:
         return write_half_then_die
 
     if point == "catalog":
-        real_npz_writer = store._npz_writer
+        real_transaction = catalogdb.CatalogDB._transaction
 
-        def npz_writer(**arrays):  # noqa: ANN003, ANN202
-            write = real_npz_writer(**arrays)
-            return half_then_die(write) if "sha256" in arrays and due() else write
+        @contextlib.contextmanager
+        def transaction(self):  # noqa: ANN001, ANN202
+            with real_transaction(self) as conn:
+                before = conn.total_changes
+                yield conn
+                if conn.total_changes > before and due():
+                    die()
 
-        store._npz_writer = npz_writer
+        catalogdb.CatalogDB._transaction = transaction
         return
 
     if point == "merge":

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from cbir.cli import main
-from cbir.store import CATALOG_NAME, MANIFEST_NAME
+from cbir.store import MANIFEST_NAME, Database
 from tests.conftest import TESTDATA, needs_shared
 
 REPO = Path(__file__).resolve().parent.parent
@@ -50,8 +50,8 @@ def test_query_reports_each_image_once_by_source_path(photos_db, photos_dir, cap
 def test_same_file_name_in_two_folders_is_stored_twice(photos_db, photos_dir):
     stored = [p.name for p in photos_db.rglob("IMG_0001-*.jpg")]
     assert len(set(stored)) == 2
-    catalog = np.load(photos_db / CATALOG_NAME, allow_pickle=False)
-    names = {Path(p).parent.name for p in catalog["path_strings"] if p.endswith("IMG_0001.jpg")}
+    paths = Database.open(photos_db).catalog.paths
+    names = {Path(p).parent.name for p in paths if p.endswith("IMG_0001.jpg")}
     assert names == {"animals", "landscapes"}
 
 

@@ -12,8 +12,9 @@ import pytest
 
 from cbir.cli import main
 from cbir.images import load_image
-from cbir.store import MANIFEST_NAME, Database, category_segments, read_category_folder
+from cbir.store import MANIFEST_NAME, Database, category_segments
 from tests.conftest import TESTDATA, needs_shared
+from tests.legacy import to_format_1
 
 pytestmark = needs_shared
 LITE0 = ["--model", "efficientnet_lite0"]
@@ -259,25 +260,19 @@ def test_each_commit_adds_segments_that_merge_into_a_few_files(tmp_path, photos_
 
 
 def test_a_format_1_database_is_read_and_extended(tmp_path, photos_dir, photos_db, capsys):
-    """Format 1 kept each category's rows in one features.npz: it is read as the oldest
-    segment, new segments go beside it, and the manifest says format 2 from then on."""
+    """Format 1 kept each category's rows in one features.npz and the catalog in catalog.npz:
+    it is read as it is; adding reads features.npz as the oldest segment, puts new segments
+    beside it, moves the catalog into catalog.sqlite, and the manifest says format 3."""
     db = tmp_path / "db"
     shutil.copytree(photos_db, db)
-    for folder in db.glob("n*_*"):
-        rows = read_category_folder(folder, 1280)
-        for segment in folder.glob("features.*.npz"):
-            segment.unlink()
-        np.savez_compressed(folder / "features.npz", ids=rows.ids, paths=rows.paths,
-                            files=rows.files, features=rows.features)  # fmt: skip
-    manifest = json.loads((db / MANIFEST_NAME).read_text())
-    (db / MANIFEST_NAME).write_text(json.dumps({**manifest, "format_version": 1}))
+    to_format_1(db)
     assert_same_rows(db, photos_db)
     chelsea = photos_dir / "animals" / "chelsea.jpg"
     assert query_paths(db, chelsea, capsys)[0] == str(chelsea)
 
     variant = copy_photos(tmp_path / "new", "../near_duplicates/chelsea__crop90.jpg")
     assert main(["add", str(db), str(variant), *LITE0]) == 0
-    assert json.loads((db / MANIFEST_NAME).read_text())["format_version"] == 2
+    assert json.loads((db / MANIFEST_NAME).read_text())["format_version"] == 3
     assert query_paths(db, variant / "chelsea__crop90.jpg", capsys)[0] == str(
         variant / "chelsea__crop90.jpg"
     )

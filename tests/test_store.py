@@ -1,17 +1,19 @@
 """A category's rows live in segments: merging streams the features through in blocks, readers
-are not disturbed by a writer merging, and a format-1 database is marked format 2 in time."""
+are not disturbed by a writer merging, and a format-1 database is marked format 3 in time."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import threading
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from cbir import store
+from cbir.catalogdb import CatalogDB
 from cbir.errors import DatabaseError
 from cbir.store import (
     MANIFEST_NAME,
@@ -19,13 +21,14 @@ from cbir.store import (
     Database,
     NewImage,
     Settings,
-    category_segments,
     open_writer,
     read_category_file,
     read_category_folder,
 )  # fmt: skip
+from tests.legacy import to_format_1
 
 DIM = 8
+REPO = Path(__file__).resolve().parent.parent
 
 
 def rows(ids: list[int], seed: int) -> CategoryRows:
@@ -113,33 +116,39 @@ def new_images(folder: Path, start: int, n: int) -> list[NewImage]:
     return images
 
 
+READER = """
+import sys
+from pathlib import Path
+from cbir.store import Database
+db, wnid, stop = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
+while not stop.exists():
+    try:
+        print(len(Database.open(db).read_category(wnid)), flush=True)
+    except Exception as exc:  # any error is the failure
+        print("error:", repr(exc), flush=True)
+"""
+
+
 def test_readers_are_not_disturbed_by_a_writer_merging_segments(tmp_path):
     db = tmp_path / "db"
     with open_writer(db, SETTINGS) as writer:
         writer.add_images(new_images(tmp_path / "src", 0, 5))
-    errors: list[Exception] = []
-    counts: list[int] = []
-    writing = True
-
-    def read_while_writing() -> None:
-        while writing:
-            try:
-                counts.append(len(Database.open(db).read_category(WNIDS[0])))
-            except Exception as exc:  # noqa: BLE001 - any error is the failure
-                errors.append(exc)
-
-    reader = threading.Thread(target=read_while_writing)
-    reader.start()
+    stop = tmp_path / "stop"
+    reader = subprocess.Popen([sys.executable, "-c", READER, str(db), WNIDS[0], str(stop)],
+                              stdout=subprocess.PIPE, text=True, cwd=REPO)  # fmt: skip
     try:
         with open_writer(db) as writer:
             for chunk in range(1, 80):  # every commit adds a segment, most merge
                 writer.add_images(new_images(tmp_path / "src", 5 * chunk, 5))
     finally:
-        writing = False
-        reader.join()
-    assert not errors, errors[:3]
-    assert len(counts) > 100 and counts == sorted(counts)  # never a row lost or doubled
-    assert len(read_category_folder(db / category_folder(db), DIM)) == 400
+        stop.touch()
+        out, _ = reader.communicate(timeout=60)
+    lines = out.split()
+    assert not [line for line in out.splitlines() if line.startswith("error")]
+    counts = [int(n) for n in lines]
+    assert len(set(counts)) > 5 and counts == sorted(counts)  # read while written; never a
+    # row lost or doubled
+    assert counts[-1] == 400 and len(read_category_folder(db / category_folder(db), DIM)) == 400
 
 
 def category_folder(db: Path) -> str:
@@ -150,23 +159,22 @@ class Crash(Exception):
     pass
 
 
-def test_a_format_1_database_says_format_2_before_its_first_segment(tmp_path, monkeypatch):
+def test_a_format_1_database_says_format_3_before_its_first_segment(tmp_path, monkeypatch):
+    """Its catalog.npz becomes catalog.sqlite and the manifest says 3 before anything new is
+    written: an older cbir must refuse the database from then on, not miss the new files."""
     db = tmp_path / "db"
     with open_writer(db, SETTINGS) as writer:
         writer.add_images(new_images(tmp_path / "src", 0, 3))
-    for folder in [p for p in db.iterdir() if p.is_dir()]:  # back to one features.npz each
-        rows_of_folder = read_category_folder(folder, DIM)
-        for segment in category_segments(folder)[0]:
-            segment.path.unlink()
-        write_segment(folder / store.FEATURES_NAME, rows_of_folder)
-    manifest = json.loads((db / MANIFEST_NAME).read_text())
-    (db / MANIFEST_NAME).write_text(json.dumps({**manifest, "format_version": 1}))
+    to_format_1(db)
+    assert len(Database.open(db).catalog.images) == 3  # read as it is
 
     def crash(*args: object) -> None:
         raise Crash
 
-    monkeypatch.setattr(store, "_write_catalog", crash)  # killed at the commit point
+    monkeypatch.setattr(CatalogDB, "commit", crash)  # killed at the commit point
     with pytest.raises(Crash), open_writer(db) as writer:
         writer.add_images(new_images(tmp_path / "src", 3, 1))
     assert any(p.name != store.FEATURES_NAME for p in db.glob("n*/features.*.npz"))
-    assert json.loads((db / MANIFEST_NAME).read_text())["format_version"] == 2
+    assert json.loads((db / MANIFEST_NAME).read_text())["format_version"] == 3
+    assert not (db / store.LEGACY_CATALOG_NAME).exists()
+    assert len(Database.open(db).catalog.images) == 3
