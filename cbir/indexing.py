@@ -174,7 +174,10 @@ def _describe_and_store(
     model: Model | None = None
     size = get_backbone(options.backbone).input_size
     advance = callbacks.progress(len(todo))
-    seen_in_run: set[str] = set()
+    # Contents described but not committed yet (a committed one is in the catalog): the chunk
+    # being collected and the one being committed, so the sets stay small in a long run.
+    collecting: set[str] = set()
+    committing: set[str] = set()
     n_before = writer.n_images()
     committer = _Committer(writer, options.commit_every)
 
@@ -206,19 +209,22 @@ def _describe_and_store(
                 _skip(report, callbacks, result)
                 advance(1)
                 continue
-            if result.pixels is None or result.sha256 in seen_in_run:
+            sha = result.sha256
+            known = result.pixels is None or sha in collecting or sha in committing
+            if known or writer.has_image(sha):  # committed since `prepare` looked
                 entry = (str(result.path), result.sha256, result.size, result.mtime_ns)
                 committer.paths.append(entry)
                 report.new_paths += 1
                 advance(1)
                 continue
-            seen_in_run.add(result.sha256)
+            collecting.add(sha)
             batch.append(result)
             if len(batch) == options.batch_size:
                 describe(batch)
                 batch = []
                 if committer.due():
-                    committer.commit()
+                    committer.commit()  # waits for the commit before: `committing` is in
+                    committing, collecting = collecting, set()
         if batch:
             describe(batch)
         committer.commit()

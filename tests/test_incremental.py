@@ -132,6 +132,24 @@ def test_same_photo_under_two_names_is_one_image_with_two_paths(tmp_path, capsys
     assert len(list(db.rglob("chelsea*.jpg"))) == 4  # one copy in each of its 4 categories
 
 
+def test_copies_of_a_photo_met_across_commits_are_one_image_each(tmp_path, capsys):
+    """Within a run, content is recognised whether its first copy is being collected, being
+    committed or committed already: with batches and commits of 1 image, all three happen."""
+    names = ["animals/chelsea.jpg", "landscapes/IMG_0001.jpg", "vehicles/rocket.jpg"]
+    src = tmp_path / "src"
+    for copy in range(4):  # a/, b/, c/, d/: walked in order, each holds all three photos
+        copy_photos(src / "abcd"[copy], *names)
+    db = tmp_path / "db"
+    one_at_a_time = ["--batch-size", "1", "--commit-every", "1"]
+    assert main(["create-db", str(src), str(db), *LITE0, *one_at_a_time]) == 0
+    assert "indexed 3, unchanged 0, skipped 0, known content under a new name 9" in (
+        capsys.readouterr().err
+    )
+    catalog = Database.open(db).catalog
+    assert len(catalog.images) == 3 and len(catalog.paths) == 12
+    assert main(["check", str(db)]) == 0
+
+
 def test_changed_file_is_reindexed_and_its_old_rows_and_copies_replaced(tmp_path, capsys):
     src = copy_photos(tmp_path / "src", "animals/chelsea.jpg", "food/coffee.jpg")
     db = tmp_path / "db"
