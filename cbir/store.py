@@ -1,9 +1,10 @@
 """The database on disk; the only module that writes it.
 
-Layout (rows are images, arrays are plain numpy types: every file loads with allow_pickle=False):
+Layout (rows are images; every .npz holds plain numpy arrays and loads with allow_pickle=False):
 
     DB_DIR/cbir-db.json                 manifest: format version, model, settings, counts
-    DB_DIR/catalog.npz                  every indexed image and every source path known for it
+    DB_DIR/catalog.sqlite               every indexed image, its categories and every source
+                                        path known for it (cbir.catalogdb)
     DB_DIR/<wnid>_<name>/features.<lo>-<hi>.npz   a segment of the category's rows (see
                                         Segment): ids (r,) int64, paths (r,) str, files (r,)
                                         str, features (r, d) float32 unit-norm rows
@@ -12,14 +13,15 @@ Layout (rows are images, arrays are plain numpy types: every file loads with all
 
 An image's id is the first 8 bytes of the SHA-256 of its file, so the same photo under two names
 is stored and computed once. The catalog is the commit point: an image is indexed exactly when
-the catalog lists it. Writes go in this order, each file to a temporary name in its folder,
-fsynced, then renamed over the old one:
+the catalog lists it. Files are written to a temporary name in their folder, fsynced, then
+renamed over the old one; the catalog changes in one SQLite transaction per commit. Order:
   add:    copy images into category folders -> sync -> new category segments -> catalog ->
           manifest -> merge segments
   remove: catalog -> category segments -> delete stored copies -> manifest
-Readers keep only category rows whose id the catalog lists, so a crash at any point leaves a
-database that answers queries; the next writer sees the `.writing` marker and repairs it
-(drops uncommitted rows, stale segments and orphan copies) before it goes on.
+Readers keep only category rows that the catalog lists in that category, so a crash at any
+point leaves a database that answers queries; the next writer sees the `.writing` marker and
+repairs it (drops uncommitted rows, stale segments and orphan copies) before it goes on.
+Formats 1 and 2 kept the catalog in catalog.npz, rewritten whole at every commit.
 """
 
 from __future__ import annotations
@@ -379,6 +381,12 @@ class Database:
             else:
                 self._catalog_file = CatalogDB.in_memory(self._legacy_catalog())
         return self._catalog_file
+
+    def close(self) -> None:
+        """Close the catalog file (a writer's, at the end of `open_writer`)."""
+        if self._catalog_file is not None:
+            self._catalog_file.close()
+            self._catalog_file = None
 
     def _legacy_catalog(self) -> Catalog:
         return read_legacy_catalog(self.db_dir, self.settings.top_k)
@@ -1086,16 +1094,16 @@ def open_writer(
         elif settings is not None:
             manifest = Manifest(settings, now_iso(), now_iso())
             _write_manifest(db_dir, manifest)
-        writer = Writer(db_dir, manifest)
-        marker = db_dir / WRITING_NAME
-        if not repair_interrupted:
+        with contextlib.closing(Writer(db_dir, manifest)) as writer:
+            marker = db_dir / WRITING_NAME
+            if not repair_interrupted:
+                yield writer
+                return
+            if marker.exists():
+                writer.repair()
+            marker.touch()
             yield writer
-            return
-        if marker.exists():
-            writer.repair()
-        marker.touch()
-        yield writer
-        marker.unlink()
+            marker.unlink()
 
 
 @contextlib.contextmanager
