@@ -69,7 +69,7 @@ def query(db_dir: Path, image: Path) -> dict[str, object]:
     gating = choose_categories(
         described.probs[0], categories.wnids(), members, db.settings.top_k, options.min_candidates
     )
-    rows = db.read_categories(gating.wnids)
+    rows = db.read_categories(gating.wnids, members)
     feature = described.features[db.settings.pooling][0]
     top_matches(feature, rows.features, options.n_results, options.query_expansion)
     t5 = time.perf_counter()

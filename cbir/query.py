@@ -18,7 +18,7 @@ from cbir.search import (
     choose_categories,
     top_matches,
 )
-from cbir.store import Database, check_compatible
+from cbir.store import CategoryMembers, Database, check_compatible
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,7 @@ def _search(
     path: Path,
     probs: np.ndarray,
     feature: np.ndarray,
-    members: dict[str, np.ndarray],
+    members: CategoryMembers,
     options: QueryOptions,
 ) -> QueryResult:
     wnids = categories.wnids()
@@ -113,7 +113,7 @@ def _search(
         gating = Gating(tuple(sorted(members)), fell_back=False, widened=False)
     else:
         gating = choose_categories(probs, wnids, members, k, options.min_candidates)
-    rows = db.read_categories(gating.wnids)
+    rows = db.read_categories(gating.wnids, members)
     best, scores = top_matches(feature, rows.features, options.n_results, options.query_expansion)
     hits = []
     for i, score in zip(best, scores, strict=True):

@@ -425,10 +425,14 @@ class Database:
         """An image's categories, most probable first."""
         return _catalog_call(self.db_dir, self._catalog_db().wnids_of, image_id)
 
-    def read_category(self, wnid: str) -> CategoryRows:
-        """Committed rows of one category (rows the catalog does not list are left out)."""
+    def read_category(
+        self, wnid: str, committed: npt.NDArray[np.int64] | None = None
+    ) -> CategoryRows:
+        """Committed rows of one category (rows the catalog does not list are left out);
+        `committed`: the category's members, when the caller has read them already."""
         folder = self.category_dir(wnid)
-        committed = self.members(wnid)
+        if committed is None:
+            committed = self.members(wnid)
         try:
             rows = read_category_folder(folder, self.settings.feature_dim)
         except FileNotFoundError:
@@ -440,9 +444,12 @@ class Database:
             return CategoryRows.empty(self.settings.feature_dim)
         return rows.select(np.isin(rows.ids, committed)).unique()
 
-    def read_categories(self, wnids: Iterable[str]) -> CategoryRows:
-        """Committed rows of several categories, each image once (an image is in up to k)."""
-        parts = [self.read_category(w) for w in wnids]
+    def read_categories(
+        self, wnids: Iterable[str], members: Mapping[str, npt.NDArray[np.int64]] | None = None
+    ) -> CategoryRows:
+        """Committed rows of several categories, each image once (an image is in up to k);
+        `members`: the categories' members, when the caller has read them already."""
+        parts = [self.read_category(w, members[w] if members else None) for w in wnids]
         return CategoryRows.concatenate(parts, self.settings.feature_dim).unique()
 
     def disk_bytes(self) -> int:
@@ -605,9 +612,7 @@ class Writer(Database):
             path = self.db_dir / CATALOG_NAME
             if not path.exists():
                 self._replace_catalog_file(self._legacy_catalog())
-            if self.manifest.format_version < FORMAT_VERSION:
-                self.manifest.format_version = FORMAT_VERSION
-                self._write_manifest()
+            self._declare_format()
             with contextlib.suppress(FileNotFoundError):
                 (self.db_dir / LEGACY_CATALOG_NAME).unlink()
             if self._catalog_file is None:
@@ -715,6 +720,13 @@ class Writer(Database):
 
     def _write_manifest(self) -> None:
         _write_manifest(self.db_dir, self.manifest)
+
+    def _declare_format(self) -> None:
+        """The manifest says this cbir's format before the first file of it is written: an
+        older cbir must refuse the database from then on, not miss the new files."""
+        if self.manifest.format_version < FORMAT_VERSION:
+            self.manifest.format_version = FORMAT_VERSION
+            self._write_manifest()
 
     def _merge_segments(self, wnids: list[str]) -> None:
         """Merge each category's newest segments while the one before them is at most twice
@@ -954,9 +966,7 @@ class _Checker:
         paths = self.catalog.paths.select(np.isin(self.catalog.paths.ids, images.ids))
         self.catalog = catalog = Catalog(images, paths)
         primary = {i: ps[0] for i, ps in catalog.paths_of().items()}
-        if w.manifest.format_version < FORMAT_VERSION:  # before the first segment is written
-            w.manifest.format_version = FORMAT_VERSION
-            w._write_manifest()
+        w._declare_format()  # before the first segment is written
         for wnid, members in sorted(catalog.members().items()):
             ids = members.tolist()  # sorted: the index lists ids in order
             folder = w.category_dir(wnid)
