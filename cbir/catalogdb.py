@@ -59,6 +59,16 @@ class NewRecord:
     probs: tuple[float, ...]
 
 
+@dataclass(frozen=True)
+class Committed:
+    """What a commit changed: images added and dropped, and the categories of the dropped
+    ones (whose rows must go too)."""
+
+    added: int
+    dropped: int
+    dropped_from: set[str]
+
+
 class CatalogError(Exception):
     """The file is not a readable catalog (the store names the file and the fix)."""
 
@@ -198,26 +208,26 @@ class CatalogDB:
         images: Iterable[NewRecord] = (),
         paths: Iterable[tuple[str, PathRecord]] = (),
         forget: Iterable[str] = (),
-    ) -> set[str]:
+    ) -> Committed:
         """In one transaction: insert the `images` not held yet, point `paths` at theirs and
-        forget the paths in `forget`; images no path points at any more are dropped.
-        Returns the categories of the dropped images (whose rows must go too)."""
+        forget the paths in `forget`; images no path points at any more are dropped."""
         with self._transaction() as conn:
-            displaced = _insert(conn, images, paths)
+            added, displaced = _insert(conn, images, paths)
             for path in forget:
                 key = os.fsencode(path)
                 displaced.update(_image_of(conn, key))
                 conn.execute("DELETE FROM paths WHERE path = ?", (key,))
-            return _drop_unreferenced(conn, sorted(displaced))
+            dropped, dropped_from = _drop_unreferenced(conn, sorted(displaced))
+            return Committed(added, dropped, dropped_from)
 
 
 def _insert(
     conn: sqlite3.Connection,
     images: Iterable[NewRecord],
     paths: Iterable[tuple[str, PathRecord]],
-) -> set[int]:
-    """Insert the images not held yet and set the paths; returns the ids of the images that
-    set paths pointed at before."""
+) -> tuple[int, set[int]]:
+    """Insert the images not held yet and set the paths; returns how many images were
+    inserted, and the ids of the images that set paths pointed at before."""
     new = _not_held(conn, list(images))
     conn.executemany(
         "INSERT INTO images VALUES (?, ?, ?, ?, ?)",
@@ -233,7 +243,7 @@ def _insert(
         displaced.update(i for i in _image_of(conn, key) if i != rec.image_id)
         conn.execute("INSERT OR REPLACE INTO paths VALUES (?, ?, ?, ?)",
                      (key, rec.image_id, rec.size, rec.mtime_ns))  # fmt: skip
-    return displaced
+    return len(new), displaced
 
 
 def _quoted(path: Path) -> str:
@@ -293,9 +303,10 @@ def _count(conn: sqlite3.Connection, counts: Counter[str], sign: int) -> None:
         conn.execute("DELETE FROM category_sizes WHERE n <= 0")
 
 
-def _drop_unreferenced(conn: sqlite3.Connection, ids: list[int]) -> set[str]:
-    """Drop the images among `ids` that no path points at; returns their categories."""
-    dropped: Counter[str] = Counter()
+def _drop_unreferenced(conn: sqlite3.Connection, ids: list[int]) -> tuple[int, set[str]]:
+    """Drop the images among `ids` that no path points at; returns how many, and their
+    categories."""
+    n, dropped = 0, Counter[str]()
     for image_id in ids:
         if conn.execute("SELECT 1 FROM paths WHERE image_id = ? LIMIT 1", (image_id,)).fetchone():
             continue
@@ -307,5 +318,6 @@ def _drop_unreferenced(conn: sqlite3.Connection, ids: list[int]) -> set[str]:
         conn.executemany("DELETE FROM placements WHERE wnid = ? AND image_id = ?",
                          ((w, image_id) for w in wnids))  # fmt: skip
         dropped.update(wnids)
+        n += 1
     _count(conn, dropped, -1)
-    return set(dropped)
+    return n, set(dropped)
