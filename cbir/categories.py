@@ -31,6 +31,11 @@ def wnids() -> list[str]:
     return [wnid for wnid, _ in class_index()]
 
 
+def is_wnid(value: object) -> bool:
+    """Whether `value` is one of the 1000 class ids (a database's files are untrusted)."""
+    return isinstance(value, str) and value in names_by_wnid()
+
+
 def folder_name(wnid: str) -> str:
     """The category's folder in a database: wnid plus a filesystem-safe name."""
     name = re.sub(r"[^A-Za-z0-9_-]+", "_", names_by_wnid()[wnid]).strip("_")

@@ -37,11 +37,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from cbir.db import LINK_MODES
     from cbir.images import DEFAULT_MAX_MEGAPIXELS
     from cbir.indexing import COMMIT_EVERY_IMAGES, DEFAULT_BATCH_SIZE
     from cbir.model import BACKBONES, DEFAULT_BACKBONE, ENGINES, POOLINGS, PRECISIONS
     from cbir.search import DEFAULT_MIN_CANDIDATES, DEFAULT_QUERY_EXPANSION
-    from cbir.store import LINK_MODES
 
     parser = argparse.ArgumentParser(
         prog="cbir", description="Content-based image retrieval with ImageNet CNNs."
@@ -241,39 +241,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _index_options(args: argparse.Namespace, db_dir: Path):  # noqa: ANN202
-    """Options for create-db/add: on an existing database, its own settings are the defaults
-    (and a different top-k, pooling or link is refused); otherwise the built-in ones."""
+def _index_options(args: argparse.Namespace):  # noqa: ANN202
+    """Options for create-db/add; what is not given is the database's own (cbir.indexing)."""
     from cbir.indexing import IndexOptions
-    from cbir.model import DEFAULT_BACKBONE
-    from cbir.store import MANIFEST_NAME, Settings, read_manifest
 
-    built = read_manifest(db_dir).settings if (db_dir / MANIFEST_NAME).exists() else None
-    fresh = Settings(DEFAULT_BACKBONE, "imagenet", 0)
-    chosen = {}
-    for name in ("top_k", "pooling", "link"):
-        given = getattr(args, name)
-        if built is not None and given is not None and given != getattr(built, name):
-            raise CbirError(
-                f"{db_dir} was built with --{name.replace('_', '-')} {getattr(built, name)}; "
-                "a database keeps one setting (build a new one to change it)"
-            )
-        chosen[name] = given if given is not None else getattr(built or fresh, name)
-    weights = args.weights
-    if weights is None:
-        weights = built.weights if built is not None else "imagenet"
-        if weights.startswith("sha256:"):
-            raise CbirError(f"{db_dir} was built with a weights file; pass it with --weights FILE")
-    if not 1 <= chosen["top_k"] <= 1000:
-        raise CbirError("--top-k must be between 1 and 1000")
     if args.batch_size < 1:
         raise CbirError("--batch-size must be at least 1")
+    if args.commit_every < 1:
+        raise CbirError("--commit-every must be at least 1")
+    if args.max_megapixels <= 0:
+        raise CbirError("--max-megapixels must be more than 0")
     return IndexOptions(
-        backbone=args.model or (built.backbone if built else DEFAULT_BACKBONE), weights=weights,
-        top_k=chosen["top_k"], link=chosen["link"], pooling=chosen["pooling"],
-        engine=args.engine, precision=args.precision, batch_size=args.batch_size,
-        max_megapixels=args.max_megapixels, wait=args.wait,
-        commit_every=max(1, args.commit_every),
+        backbone=args.model, weights=args.weights, top_k=args.top_k, link=args.link,
+        pooling=args.pooling, engine=args.engine, precision=args.precision,
+        batch_size=args.batch_size, max_megapixels=args.max_megapixels, wait=args.wait,
+        commit_every=args.commit_every,
     )  # fmt: skip
 
 
@@ -285,7 +267,7 @@ def _index(args: argparse.Namespace, db_dir: Path, sources: list[Path]) -> int:
         print(f"skipping {bad.path}: {bad.reason}", file=sys.stderr)
 
     callbacks = Callbacks(on_skip=on_skip, on_wait=_say, progress=_progress_bar)
-    report = index_paths(db_dir, sources, _index_options(args, db_dir), callbacks)
+    report = index_paths(db_dir, sources, _index_options(args), callbacks)
     removed = 0
     if getattr(args, "prune", False):
         from cbir.indexing import sync
@@ -312,7 +294,7 @@ def cmd_create_db(args: argparse.Namespace) -> int:
 
 
 def cmd_add(args: argparse.Namespace) -> int:
-    from cbir.store import read_manifest
+    from cbir.db import read_manifest
 
     read_manifest(args.db_dir)  # adding needs an existing database
     return _index(args, args.db_dir, args.paths)
@@ -335,7 +317,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from cbir.store import check_database
+    from cbir.db import check_database
 
     problems = check_database(args.db_dir, repair=args.repair, wait=args.wait, on_wait=_say)
     for line in problems:
@@ -390,7 +372,8 @@ def _result_json(result) -> dict:  # noqa: ANN001
                        for c in result.categories],
         "searched_categories": list(result.gating.wnids),
         "searched": result.n_searched,
-        "results": [{"path": h.path, "score": round(h.score, 6), "categories": list(h.wnids)}
+        "results": [{"path": h.path, "score": round(h.score, 6), "id": h.image_id,
+                     "categories": list(h.wnids), "paths": list(h.paths)}
                     for h in result.hits],
     }  # fmt: skip
 
@@ -409,7 +392,7 @@ def _print_table(result) -> None:  # noqa: ANN001
 
 def cmd_info(args: argparse.Namespace) -> int:
     from cbir import categories
-    from cbir.store import Database
+    from cbir.db import FORMAT_VERSION, Database
 
     db = Database.open(args.db_dir)
     sizes = sorted(db.category_sizes().items(), key=lambda kv: (-kv[1], kv[0]))
@@ -418,7 +401,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         "db": str(args.db_dir), "backbone": s.backbone, "weights": s.weights,
         "feature_dim": s.feature_dim, "pooling": s.pooling, "top_k": s.top_k, "link": s.link,
         "engine": s.engine, "precision": s.precision, "resize": s.resize,
-        "format_version": db.manifest.format_version, "created": db.manifest.created,
+        "format_version": FORMAT_VERSION, "created": db.manifest.created,
         "updated": db.manifest.updated, "images": db.n_images(),
         "paths": db.n_paths(), "disk_bytes": db.disk_bytes(),
         "categories": [{"id": w, "name": categories.names_by_wnid()[w], "images": n}

@@ -358,14 +358,17 @@ def _evaluate_db(db_dir: Path, labels: dict[str, str | None], options: RunOption
 
     query_options = QueryOptions(engine=options.engine, precision=options.precision)
     db, model = open_for_query(db_dir, query_options, options.backbone, options.weights)
-    rows = db.read_categories(sorted(db.category_sizes()))
-    records = db.catalog.images
-    paths_of = db.catalog.paths_of()
+    records = {r.image_id: r for r in db.images()}
+    ids, matrix_rows = db.catalog.all_rows()
+    stored_features = db.matrix().gather(matrix_rows)
+    paths_of: dict[int, list[str]] = {}
+    for path, rec in db.paths():
+        paths_of.setdefault(rec.image_id, []).append(path)
     row_labels: list[str | None] = []
-    for image_id in rows.ids:
-        found = [labels[p] for p in paths_of.get(int(image_id), []) if p in labels]
+    for image_id in ids.tolist():
+        found = [labels[p] for p in paths_of.get(image_id, []) if p in labels]
         row_labels.append(next((label for label in found if label is not None), None))
-    indexed = {p for p, rec in db.catalog.paths.items() if rec.image_id in records}
+    indexed = {p for image_id, ps in paths_of.items() if image_id in records for p in ps}
     queries = np.array([i for i, label in enumerate(row_labels) if label is not None], np.int64)
     if len(queries) == 0:
         raise CbirError(f"none of the labelled images is in the database {db_dir}")
@@ -374,16 +377,15 @@ def _evaluate_db(db_dir: Path, labels: dict[str, str | None], options: RunOption
     for start in range(0, len(queries), BATCH):
         batch = []
         for row in queries[start : start + BATCH]:
-            rec = records[int(rows.ids[row])]
-            stored = db.category_dir(rec.wnids[0]) / rec.stored_name
+            stored = db.stored_path(records[int(ids[row])])
             batch.append(load_image(stored, size, resize=db.settings.resize))
         described = model.describe(np.stack(batch))
         probs.append(described.probs)
         features.append(described.features[db.settings.pooling])
     corpus = Corpus(
         labels=row_labels,
-        features=rows.features,
-        memberships=[records[int(i)].wnids for i in rows.ids],
+        features=stored_features,
+        memberships=[records[i].wnids for i in ids.tolist()],
         queries=queries,
         query_features=np.concatenate(features),
         query_probs=np.concatenate(probs),

@@ -16,6 +16,7 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from cbir.db.manifest import is_database
 from cbir.errors import BadImage, ImageTooLarge
 
 try:
@@ -55,7 +56,9 @@ def find_images(paths: Iterable[Path], exclude: Path | None = None) -> Iterator[
     Symbolic links to folders are followed (each folder once). Hidden folders and files with
     unknown extensions are passed over silently; hidden image
     files and macOS AppleDouble files (`._*`) are yielded as `BadImage` so the caller can report
-    them. `exclude` (the database itself, when it sits inside the source folder) is not walked.
+    them. `exclude` (the database being written, when it sits inside the source folder) and
+    every folder that is a cbir database are not walked: a database never indexes the copies
+    of one.
     """
     for root in paths:
         if root.is_file():
@@ -63,6 +66,8 @@ def find_images(paths: Iterable[Path], exclude: Path | None = None) -> Iterator[
             continue
         if not root.is_dir():
             yield BadImage(root, "no such file or folder")
+            continue
+        if is_database(root) or root == exclude:
             continue
         visited: set[tuple[int, int]] = set()  # symbolic links are followed, loops are not
         for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
@@ -75,8 +80,9 @@ def find_images(paths: Iterable[Path], exclude: Path | None = None) -> Iterator[
             dirnames[:] = sorted(
                 d
                 for d in dirnames
-                if not d.startswith(".") and (exclude is None or current / d != exclude)
-            )
+                if not d.startswith(".") and current / d != exclude
+                and not is_database(current / d)
+            )  # fmt: skip
             for name in sorted(filenames):
                 path = current / name
                 if not is_image_name(path):

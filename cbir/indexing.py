@@ -14,17 +14,17 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 
 from cbir import categories
-from cbir.errors import BadImage
-from cbir.images import DEFAULT_MAX_MEGAPIXELS, find_images, load_image
+from cbir.db import MANIFEST_NAME, NewImage, Settings, Writer, open_writer, read_manifest
+from cbir.errors import BadImage, CbirError, DatabaseError
+from cbir.images import DEFAULT_MAX_MEGAPIXELS, DEFAULT_RESIZE, find_images, load_image
 from cbir.model import Model, get_backbone, load_model, resolve_weights
-from cbir.store import NewImage, Settings, Writer, open_writer
 
 DEFAULT_BATCH_SIZE = 8  # fastest or within 5 % of it for every engine and backbone (bench/)
 COMMIT_EVERY_IMAGES = 1024
@@ -33,11 +33,13 @@ COMMIT_EVERY_SECONDS = 60.0
 
 @dataclass(frozen=True)
 class IndexOptions:
-    backbone: str
-    weights: str = "imagenet"
-    top_k: int = 4
-    link: str = "copy"
-    pooling: str = "gap"
+    """What to index with. None: the existing database's own setting, else the default."""
+
+    backbone: str | None = None
+    weights: str | None = None
+    top_k: int | None = None
+    link: str | None = None
+    pooling: str | None = None
     engine: str = "auto"
     precision: str = "auto"
     batch_size: int = DEFAULT_BATCH_SIZE
@@ -76,24 +78,69 @@ class Callbacks:
     progress: Callable[[int], Callable[[int], None]] = lambda total: lambda n: None
 
 
+DEFAULTS = {"top_k": 4, "pooling": "gap", "link": "copy"}
+BUILD_SETTINGS = ("top_k", "pooling", "link")  # fixed once a database holds an image
+
+
+def resolve_options(db_dir: Path, options: IndexOptions) -> IndexOptions:
+    """Every setting filled in: what the caller gave, else the database's own, else the
+    default. A weights file is never guessed (it is recorded by its hash only)."""
+    from cbir.model import DEFAULT_BACKBONE
+
+    built = read_manifest(db_dir).settings if (db_dir / MANIFEST_NAME).exists() else None
+    chosen = {name: getattr(options, name) if getattr(options, name) is not None else
+              getattr(built, name) if built is not None else DEFAULTS[name]
+              for name in BUILD_SETTINGS}  # fmt: skip
+    weights = options.weights
+    if weights is None:
+        weights = built.weights if built is not None else "imagenet"
+        if weights.startswith("sha256:"):
+            raise CbirError(f"{db_dir} was built with a weights file; pass it with --weights FILE")
+    if not 1 <= chosen["top_k"] <= 1000:
+        raise CbirError("--top-k must be between 1 and 1000")
+    backbone = options.backbone or (built.backbone if built is not None else DEFAULT_BACKBONE)
+    return replace(options, backbone=backbone, weights=weights, **chosen)
+
+
+def _refuse_other_settings(writer: Writer, options: IndexOptions, identity: str) -> None:
+    """A database keeps the settings it was built with (the library refuses, not only the CLI)."""
+    s = writer.settings
+    for name in BUILD_SETTINGS:
+        if getattr(options, name) != getattr(s, name):
+            raise DatabaseError(
+                f"{writer.db_dir} was built with --{name.replace('_', '-')} {getattr(s, name)}; "
+                "a database keeps one setting (build a new one to change it)"
+            )
+    if (options.backbone, identity) != (s.backbone, s.weights):
+        from cbir.db import check_compatible
+
+        check_compatible(writer.db_dir, s, str(options.backbone), identity)
+
+
 def index_paths(
     db_dir: Path, sources: list[Path], options: IndexOptions, callbacks: Callbacks | None = None
 ) -> IndexReport:
-    """Index every image under `sources` into the database at `db_dir` (created if needed)."""
+    """Index every image under `sources` into the database at `db_dir` (created if needed).
+    Settings not given are the database's own; given ones must match a database that holds
+    images (an empty one takes them)."""
     callbacks = callbacks or Callbacks()
-    backbone = get_backbone(options.backbone)
-    spec = resolve_weights(backbone, options.weights)
+    options = resolve_options(db_dir, options)
+    backbone = get_backbone(str(options.backbone))
+    spec = resolve_weights(backbone, str(options.weights))
+    built = read_manifest(db_dir).settings if (db_dir / MANIFEST_NAME).exists() else None
     settings = Settings(
         backbone=backbone.name,
         weights=spec.identity,
         feature_dim=backbone.feature_dim,
-        top_k=options.top_k,
-        pooling=options.pooling,
-        link=options.link,
+        top_k=int(options.top_k or 4),
+        pooling=str(options.pooling),
+        link=str(options.link),
+        resize=built.resize if built is not None else DEFAULT_RESIZE,
     )
     report = IndexReport()
     db_abs = _absolute(db_dir)
     with open_writer(db_dir, settings, options.wait, callbacks.on_wait) as writer:
+        _refuse_other_settings(writer, options, spec.identity)
         todo: list[_Found] = []  # plain tuples: a run may find millions of files
         for item in find_images([_absolute(s) for s in sources], exclude=db_abs):
             if isinstance(item, BadImage):
@@ -198,7 +245,7 @@ def _describe_and_store(
         if model is None:
             model = _load(options)
             writer.record_engine(model.engine, model.precision)
-        committer.add(_describe(model, batch, options.top_k, options.pooling))
+        committer.add(_describe(model, batch, writer.settings.top_k, writer.settings.pooling))
         report.indexed += len(batch)
         advance(len(batch))
 
@@ -235,7 +282,8 @@ def _describe_and_store(
 
 
 def _load(options: IndexOptions) -> Model:
-    return load_model(options.backbone, options.weights, options.engine, options.precision)
+    return load_model(str(options.backbone), str(options.weights), options.engine,
+                      options.precision)  # fmt: skip
 
 
 def _describe(model: Model, batch: list[_Prepared], top_k: int, pooling: str) -> list[NewImage]:
@@ -289,7 +337,7 @@ def remove_sources(
         targets = [str(_absolute(p)) for p in paths]
         doomed = [
             known
-            for known in writer.catalog.paths
+            for known, _ in writer.catalog.paths()
             if any(known == t or known.startswith(t.rstrip("/") + "/") for t in targets)
         ]
         return writer.remove_paths(doomed)
@@ -298,7 +346,7 @@ def remove_sources(
 def sync(db_dir: Path, wait: bool = True, on_wait: Callable[[str], None] | None = None) -> int:
     """Forget source paths that no longer exist. Returns images removed."""
     with open_writer(db_dir, wait=wait, on_wait=on_wait) as writer:
-        gone = [p for p in writer.catalog.paths if not os.path.exists(p)]
+        gone = [p for p, _ in writer.catalog.paths() if not os.path.exists(p)]
         return writer.remove_paths(gone) if gone else 0
 
 

@@ -1,4 +1,8 @@
-"""cbir query: describe each query image, open the categories it selects, rank their images."""
+"""cbir query: describe each query image, gather the rows its categories hold, rank them.
+
+A gated query reads only its candidates' rows of the search matrix; `--all` reads the matrix
+once, in blocks. Either way a hit's source paths come from the catalog, never from a copy.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +10,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 
 from cbir import categories
+from cbir.db import Database, check_compatible
+from cbir.db.database import CategoryMembers
 from cbir.errors import BadImage, CbirError
+from cbir.features import expand_query
 from cbir.images import load_image
 from cbir.model import Model, get_backbone, load_model, resolve_weights
 from cbir.search import (
@@ -16,9 +24,9 @@ from cbir.search import (
     DEFAULT_QUERY_EXPANSION,
     Gating,
     choose_categories,
+    scan_top,
     top_matches,
 )
-from cbir.store import CategoryMembers, Database, check_compatible
 
 
 @dataclass(frozen=True)
@@ -30,11 +38,12 @@ class Category:
 
 @dataclass(frozen=True)
 class Hit:
-    path: str  # the image's original source path
+    path: str  # the image's first source path (its stored copy if the catalog lost them)
     score: float  # cosine similarity to the query
     image_id: int
     wnids: tuple[str, ...]  # the categories it is stored in
     stored_path: Path  # its copy in the database
+    paths: tuple[str, ...]  # every source path of its content
 
 
 @dataclass(frozen=True)
@@ -89,36 +98,89 @@ def run_queries(
             outcome[path] = bad
     if loaded:
         described = model.describe(np.stack([pixels for _, pixels in loaded]))
-        members = db.category_members()
+        members = CategoryMembers(db)
         for i, (path, _) in enumerate(loaded):
             feature = described.features[db.settings.pooling][i]
-            outcome[path] = _search(db, path, described.probs[i], feature, members, options)
+            outcome[path] = search(db, path, described.probs[i], feature, members, options)
     return [outcome[p] for p in query_paths]
 
 
-def _search(
+def search(
     db: Database,
     path: Path,
-    probs: np.ndarray,
-    feature: np.ndarray,
+    probs: npt.NDArray[np.float32],
+    feature: npt.NDArray[np.float32],
     members: CategoryMembers,
     options: QueryOptions,
 ) -> QueryResult:
+    """Rank the database for one described query: probs (1000,), feature (d,) unit-norm."""
     wnids = categories.wnids()
     names = categories.names_by_wnid()
-    k = db.settings.top_k
-    top = np.argsort(-probs)[:k]
+    top = np.argsort(-probs)[: db.settings.top_k]
     own = tuple(Category(wnids[j], names[wnids[j]], float(probs[j])) for j in top)
     if options.search_all:
         gating = Gating(tuple(sorted(members)), fell_back=False, widened=False)
+        ids, scores = exhaustive(db, feature, options.n_results, options.query_expansion)
+        n_searched = db.n_images()
     else:
-        gating = choose_categories(probs, wnids, members, k, options.min_candidates)
-    rows = db.read_categories(gating.wnids, members)
-    best, scores = top_matches(feature, rows.features, options.n_results, options.query_expansion)
-    hits = []
-    for i, score in zip(best, scores, strict=True):
-        image_id = int(rows.ids[i])
-        stored_in = db.wnids_of(image_id)
-        stored_path = db.category_dir(stored_in[0]) / str(rows.files[i])
-        hits.append(Hit(str(rows.paths[i]), float(score), image_id, stored_in, stored_path))
-    return QueryResult(path, own, gating, len(rows), tuple(hits))
+        gating = choose_categories(probs, wnids, members, db.settings.top_k,
+                                   options.min_candidates)  # fmt: skip
+        candidates, rows = db.catalog.rows_of_categories(gating.wnids)
+        features = db.matrix().gather(rows)
+        best, scores = top_matches(feature, features, options.n_results, options.query_expansion)
+        ids, n_searched = candidates[best], len(rows)
+    return QueryResult(path, own, gating, n_searched, tuple(hits(db, ids, scores)))
+
+
+def hits(db: Database, ids: npt.NDArray[np.int64], scores: npt.NDArray[np.float32]) -> list[Hit]:
+    """Results for image ids, with their paths and categories from the catalog."""
+    found = []
+    for image_id, score in zip(ids.tolist(), scores.tolist(), strict=True):
+        record = db.image(image_id)
+        if record is None:  # removed since the rows were read
+            continue
+        stored = db.stored_path(record)
+        paths = tuple(db.paths_of(image_id))
+        found.append(Hit(paths[0] if paths else str(stored), float(score), image_id,
+                         record.wnids, stored, paths))  # fmt: skip
+    return found
+
+
+def exhaustive(
+    db: Database, query: npt.NDArray[np.float32], n: int, expansion: int
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+    """(ids, cosine scores) of the n best images of the whole database, best first, ranked
+    as `top_matches` ranks (the first `expansion` results expand the query), in one or two
+    passes over the search matrix."""
+    matrix = db.matrix()
+    first_ids, first_rows, first_scores = _live_top(db, query, max(n, expansion))
+    if expansion <= 0 or len(first_ids) <= expansion:
+        return first_ids[:n], first_scores[:n]
+    keep = first_rows[:expansion]
+    expanded = expand_query(query, matrix.gather(keep), first_scores[:expansion])
+    ids, rows, _ = _live_top(db, expanded, n + expansion)
+    rest = [(i, r) for i, r in zip(ids.tolist(), rows.tolist(), strict=True)
+            if r not in set(keep.tolist())][: max(n - expansion, 0)]  # fmt: skip
+    all_rows = np.array([*keep.tolist(), *(r for _, r in rest)], np.int64)
+    all_ids = np.array([*first_ids[:expansion].tolist(), *(i for i, _ in rest)], np.int64)
+    scores = matrix.gather(all_rows) @ query.astype(np.float32)
+    return all_ids[:n], scores[:n]
+
+
+def _live_top(
+    db: Database, query: npt.NDArray[np.float32], k: int
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+    """(ids, rows, scores) of the k best rows that a committed image owns. Dead rows (of
+    removed images) are passed over: the scan asks for more rows until k live ones are in."""
+    matrix = db.matrix()
+    dead = max(matrix.n_rows - db.n_images(), 0)
+    want = k + min(dead, 4 * k)
+    while True:
+        rows, scores = scan_top(query, matrix.blocks(), want)
+        owners = db.catalog.ids_of_rows(rows.tolist())
+        live = np.array([r in owners for r in rows.tolist()], bool)
+        if live.sum() >= k or want >= matrix.n_rows:
+            rows, scores = rows[live][:k], scores[live][:k]
+            ids = np.array([owners[r] for r in rows.tolist()], np.int64)
+            return ids, rows, scores
+        want *= 4

@@ -1,0 +1,432 @@
+"""The catalog, catalog.sqlite: every committed image, its categories, its row of the search
+matrix, and every source path. The commit point of every write.
+
+In SQLite (Python's standard library) a commit writes only what it changes, atomically, and
+callers ask for what they need by key, so neither a writer's memory nor a commit's cost grows
+with the database. Source paths live here and nowhere else: results read them from here.
+Errors are raised as DatabaseError naming the file and the fix; every value read back is
+checked before it is used as a file name or category (the file is untrusted).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import sqlite3
+import threading
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from cbir import categories
+from cbir.db.files import damaged
+from cbir.errors import DatabaseError
+
+CATALOG_NAME = "catalog.sqlite"
+SCHEMA_VERSION = 2  # 2: images.row (the search matrix), the meta table; no rows in files
+_SCHEMA = """
+CREATE TABLE images (
+    id INTEGER PRIMARY KEY,     -- first 8 bytes of the SHA-256, signed (cbir.hashing)
+    sha256 TEXT NOT NULL,       -- hex digest of the file
+    stored_name TEXT NOT NULL,  -- name of its copies in its category folders
+    wnids TEXT NOT NULL,        -- its categories, most probable first, space-separated
+    probs BLOB NOT NULL,        -- their probabilities, little-endian float32
+    row INTEGER NOT NULL UNIQUE -- its row of the search matrix
+);
+CREATE TABLE placements (       -- image_id is stored in category wnid
+    wnid TEXT NOT NULL, image_id INTEGER NOT NULL, PRIMARY KEY (wnid, image_id)
+) WITHOUT ROWID;
+CREATE TABLE category_sizes (   -- rows of placements per wnid, kept by each commit
+    wnid TEXT PRIMARY KEY, n INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE paths (            -- source files; path is os.fsencode(str path)
+    path BLOB PRIMARY KEY, image_id INTEGER NOT NULL, size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX paths_by_image ON paths (image_id);
+CREATE TABLE meta (             -- matrix_generation: the matrix file in use (it is named
+    key TEXT PRIMARY KEY,       -- after it); matrix_rows: how many of its rows are committed
+    value INTEGER NOT NULL
+) WITHOUT ROWID;
+"""
+_IN_CHUNK = 500  # values per "IN (...)" query, below SQLite's limit on parameters
+_STORED_NAME = re.compile(r"[^/\x00]{1,255}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One committed image."""
+
+    image_id: int
+    sha256: str
+    stored_name: str  # a plain file name (checked): its copies' name in its category folders
+    wnids: tuple[str, ...]  # known ImageNet wnids (checked), most probable first
+    probs: tuple[float, ...]  # their probabilities
+    row: int  # its row of the search matrix
+
+
+@dataclass(frozen=True)
+class PathRecord:
+    image_id: int
+    size: int
+    mtime_ns: int
+
+
+@dataclass(frozen=True)
+class Committed:
+    """What a commit changed: images added and dropped, the categories and matrix rows of the
+    dropped ones."""
+
+    added: int
+    dropped: int
+    dropped_from: set[str]
+
+
+class Catalog:
+    """One connection to catalog.sqlite. Safe to share between threads: calls take turns."""
+
+    def __init__(self, path: Path, connection: sqlite3.Connection) -> None:
+        self.path = path
+        self._conn = connection
+        self._lock = threading.RLock()
+
+    @classmethod
+    def open(cls, path: Path, writable: bool = True) -> Catalog:
+        """An existing catalog. Opened read-write where the file allows it, so that a reader
+        can roll back what a killed writer left half done (SQLite's hot journal); read-only
+        media are opened immutable."""
+        if os.path.islink(path) or (os.path.lexists(path) and not path.is_file()):
+            raise damaged(path, "not a regular file")
+        if not path.exists():
+            raise DatabaseError(f"{path} is missing; run 'cbir check --repair'")
+        mode = "rw" if writable and os.access(path, os.W_OK) else "ro"
+        uri = f"file:{_quoted(path)}?mode={mode}"
+        if mode == "ro" and not os.access(path.parent, os.W_OK):
+            uri += "&immutable=1"  # nobody can be writing it: no journal to look for
+        try:
+            conn = sqlite3.connect(uri, uri=True, timeout=60, isolation_level=None,
+                                   check_same_thread=False)  # fmt: skip
+        except sqlite3.Error as exc:
+            raise damaged(path, exc) from exc
+        catalog = cls(path, conn)
+        version = catalog._one("PRAGMA user_version")
+        if version != SCHEMA_VERSION:
+            catalog.close()
+            raise damaged(path, f"catalog schema version {version}, expected {SCHEMA_VERSION}")
+        return catalog
+
+    @classmethod
+    def create(cls, path: Path) -> Catalog:
+        """A new, empty catalog file at `path` (the writer renames it into place)."""
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        conn.executescript(_SCHEMA + f"PRAGMA user_version = {SCHEMA_VERSION};")
+        conn.execute("INSERT INTO meta VALUES ('matrix_rows', 0), ('matrix_generation', 1)")
+        return cls(path, conn)
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def _rows(self, sql: str, params: Sequence[object] = ()) -> list[tuple]:
+        with self._lock:
+            try:
+                return self._conn.execute(sql, params).fetchall()
+            except sqlite3.DatabaseError as exc:
+                raise damaged(self.path, exc) from exc
+
+    def _one(self, sql: str, params: Sequence[object] = ()) -> object:
+        rows = self._rows(sql, params)
+        return rows[0][0] if rows else None
+
+    def _iterate(self, sql: str, batch: int = 4096) -> Iterator[tuple]:
+        """Rows of a query, fetched in batches on a cursor of their own (not all in memory)."""
+        with self._lock:
+            cursor = self._conn.cursor()
+        try:
+            cursor.execute(sql)
+            while rows := cursor.fetchmany(batch):
+                yield from rows
+        except sqlite3.DatabaseError as exc:
+            raise damaged(self.path, exc) from exc
+        finally:
+            cursor.close()
+
+    def matrix_state(self) -> tuple[int, int]:
+        """(generation of the matrix file in use, how many of its rows are committed); rows
+        past those are a writer's uncommitted ones."""
+        meta = dict(self._rows("SELECT key, value FROM meta"))
+        gen, n = meta.get("matrix_generation"), meta.get("matrix_rows")
+        if not isinstance(gen, int) or not isinstance(n, int) or gen < 1 or n < 0:
+            raise damaged(self.path, "no valid matrix state")
+        return gen, n
+
+    def has_image(self, image_id: int) -> bool:
+        return self._one("SELECT 1 FROM images WHERE id = ?", (image_id,)) is not None
+
+    def image(self, image_id: int) -> ImageRecord | None:
+        rows = self._rows("SELECT id, sha256, stored_name, wnids, probs, row FROM images "
+                          "WHERE id = ?", (image_id,))  # fmt: skip
+        return self._record(rows[0]) if rows else None
+
+    def images(self) -> Iterator[ImageRecord]:
+        """Every image, by id, streamed."""
+        for r in self._iterate("SELECT id, sha256, stored_name, wnids, probs, row FROM images "
+                               "ORDER BY id"):  # fmt: skip
+            yield self._record(r)
+
+    def _record(self, r: tuple) -> ImageRecord:
+        image_id, sha, name, wnids, probs, row = r
+        wnid_list = tuple(str(wnids).split())
+        if not (
+            isinstance(sha, str) and _SHA256.fullmatch(sha)
+            and isinstance(name, str) and _STORED_NAME.fullmatch(name)
+            and name not in (".", "..") and not name.startswith(".")
+            and wnid_list and all(categories.is_wnid(w) for w in wnid_list)
+            and len(set(wnid_list)) == len(wnid_list)
+            and isinstance(probs, bytes) and len(probs) == 4 * len(wnid_list)
+            and isinstance(row, int) and row >= 0
+        ):  # fmt: skip
+            raise damaged(self.path, f"image {image_id} has invalid fields")
+        values = tuple(float(p) for p in np.frombuffer(probs, "<f4"))
+        return ImageRecord(image_id, sha, name, wnid_list, values, row)
+
+    def images_in(self, wnid: str) -> list[ImageRecord]:
+        """The images stored in category `wnid`, by id."""
+        rows = self._rows("SELECT i.id, i.sha256, i.stored_name, i.wnids, i.probs, i.row "
+                          "FROM placements p JOIN images i ON i.id = p.image_id "
+                          "WHERE p.wnid = ? ORDER BY i.id", (wnid,))  # fmt: skip
+        return [self._record(r) for r in rows]
+
+    def path_record(self, path: str) -> PathRecord | None:
+        rows = self._rows(
+            "SELECT image_id, size, mtime_ns FROM paths WHERE path = ?", (os.fsencode(path),)
+        )
+        return PathRecord(*rows[0]) if rows else None
+
+    def paths(self) -> Iterator[tuple[str, PathRecord]]:
+        """Every source path and what it points at, sorted by path bytes, streamed."""
+        for key, image_id, size, mtime in self._iterate(
+            "SELECT path, image_id, size, mtime_ns FROM paths ORDER BY path"
+        ):
+            yield os.fsdecode(key), PathRecord(image_id, size, mtime)
+
+    def paths_of(self, image_id: int) -> list[str]:
+        """The source paths of one image, sorted."""
+        rows = self._rows("SELECT path FROM paths WHERE image_id = ? ORDER BY path", (image_id,))
+        return [os.fsdecode(r[0]) for r in rows]
+
+    def n_images(self) -> int:
+        return int(self._one("SELECT count(*) FROM images"))  # type: ignore[arg-type]
+
+    def n_paths(self) -> int:
+        return int(self._one("SELECT count(*) FROM paths"))  # type: ignore[arg-type]
+
+    def category_sizes(self) -> dict[str, int]:
+        """wnid -> number of images stored in that category (unknown wnids are damage)."""
+        sizes = dict(self._rows("SELECT wnid, n FROM category_sizes ORDER BY wnid"))
+        for wnid, n in sizes.items():
+            if not categories.is_wnid(wnid) or not isinstance(n, int):
+                raise damaged(self.path, f"unknown category {str(wnid)[:40]!r}")
+        return sizes
+
+    def members(self, wnid: str) -> npt.NDArray[np.int64]:
+        """(m,) sorted ids of the images stored in category `wnid`."""
+        rows = self._rows("SELECT image_id FROM placements WHERE wnid = ? ORDER BY image_id",
+                          (wnid,))  # fmt: skip
+        return np.array([r[0] for r in rows], np.int64)
+
+    def rows_of_categories(self, wnids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(ids (r,) int64, rows (r,) int64) of the images in any of `wnids`, each image once,
+        in matrix order (the order a scan of the matrix meets them)."""
+        found: dict[int, int] = {}
+        for start in range(0, len(wnids), _IN_CHUNK):
+            chunk = list(wnids[start : start + _IN_CHUNK])
+            marks = ",".join("?" * len(chunk))
+            found.update(self._rows(
+                f"SELECT i.id, i.row FROM placements p JOIN images i ON i.id = p.image_id "
+                f"WHERE p.wnid IN ({marks})", chunk))  # fmt: skip
+        ids = np.fromiter(found.keys(), np.int64, len(found))
+        rows = np.fromiter(found.values(), np.int64, len(found))
+        order = np.argsort(rows, kind="stable")
+        return ids[order], rows[order]
+
+    def ids_of_rows(self, rows: Iterable[int]) -> dict[int, int]:
+        """matrix row -> image id, for the rows that a committed image owns."""
+        wanted = [int(r) for r in rows]
+        found: dict[int, int] = {}
+        for start in range(0, len(wanted), _IN_CHUNK):
+            chunk = wanted[start : start + _IN_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            found.update(self._rows(f"SELECT row, id FROM images WHERE row IN ({marks})", chunk))
+        return found
+
+    def all_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, rows) of every image, in matrix order: for small databases and tools."""
+        pairs = self._rows("SELECT id, row FROM images ORDER BY row")
+        array = np.array(pairs, np.int64).reshape(len(pairs), 2)
+        return array[:, 0].copy(), array[:, 1].copy()
+
+    # -- writing (the writer only) ----------------------------------------------------------
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One commit: all of it is on disk afterwards, or none of it."""
+        with self._lock:
+            try:
+                self._conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._conn
+                except BaseException:
+                    self._conn.execute("ROLLBACK")
+                    raise
+                self._conn.execute("COMMIT")
+            except sqlite3.OperationalError as exc:
+                raise _write_error(self.path, exc) from exc
+            except sqlite3.DatabaseError as exc:
+                raise damaged(self.path, exc) from exc
+
+    def commit(
+        self,
+        images: Iterable[ImageRecord] = (),
+        paths: Iterable[tuple[str, PathRecord]] = (),
+        forget: Iterable[str] = (),
+        matrix_rows: int | None = None,
+    ) -> Committed:
+        """In one transaction: insert the `images` not held yet, point `paths` at theirs,
+        forget the paths in `forget` and record the matrix's committed rows; images no path
+        points at any more are dropped."""
+        with self.transaction() as conn:
+            added, displaced = insert(conn, images, paths)
+            for path in forget:
+                key = os.fsencode(path)
+                displaced.update(_image_of(conn, key))
+                conn.execute("DELETE FROM paths WHERE path = ?", (key,))
+            dropped, dropped_from = _drop_unreferenced(conn, sorted(displaced))
+            if matrix_rows is not None:
+                set_matrix_rows(conn, matrix_rows)
+            return Committed(added, dropped, dropped_from)
+
+    def move_rows(self, new_rows: dict[int, int], generation: int, matrix_rows: int) -> None:
+        """Point every image at its row of a rewritten matrix (image id -> row), and record
+        the matrix's generation, in one commit: the new matrix file is used from then on."""
+        with self.transaction() as conn:
+            conn.execute("UPDATE images SET row = -1 - row")  # free every row number first
+            conn.executemany("UPDATE images SET row = ? WHERE id = ?",
+                             ((row, image_id) for image_id, row in new_rows.items()))  # fmt: skip
+            left = conn.execute("SELECT count(*) FROM images WHERE row < 0").fetchone()[0]
+            if left:
+                raise DatabaseError(f"{left} images were given no row of the new matrix")
+            set_matrix_rows(conn, matrix_rows)
+            conn.execute("INSERT OR REPLACE INTO meta VALUES ('matrix_generation', ?)",
+                         (generation,))
+
+    def drop_images(self, ids: Iterable[int]) -> Committed:
+        """Forget images and their paths (check --repair: nothing is left to rebuild them)."""
+        with self.transaction() as conn:
+            ids = list(ids)
+            conn.executemany("DELETE FROM paths WHERE image_id = ?", ((i,) for i in ids))
+            dropped, dropped_from = _drop_unreferenced(conn, ids)
+            return Committed(0, dropped, dropped_from)
+
+
+def set_matrix_rows(conn: sqlite3.Connection, n: int) -> None:
+    conn.execute("INSERT OR REPLACE INTO meta VALUES ('matrix_rows', ?)", (n,))
+
+
+def insert(
+    conn: sqlite3.Connection,
+    images: Iterable[ImageRecord],
+    paths: Iterable[tuple[str, PathRecord]],
+) -> tuple[int, set[int]]:
+    """Insert the images not held yet and set the paths; returns how many images were
+    inserted, and the ids of the images that set paths pointed at before."""
+    new = _not_held(conn, list(images))
+    conn.executemany(
+        "INSERT INTO images VALUES (?, ?, ?, ?, ?, ?)",
+        ((r.image_id, r.sha256, r.stored_name, " ".join(r.wnids),
+          np.asarray(r.probs, "<f4").tobytes(), r.row) for r in new),
+    )  # fmt: skip
+    placements = [(w, r.image_id) for r in new for w in r.wnids]
+    conn.executemany("INSERT INTO placements VALUES (?, ?)", placements)
+    _count(conn, Counter(w for w, _ in placements), +1)
+    displaced: set[int] = set()
+    for path, rec in paths:
+        key = os.fsencode(path)
+        displaced.update(i for i in _image_of(conn, key) if i != rec.image_id)
+        conn.execute("INSERT OR REPLACE INTO paths VALUES (?, ?, ?, ?)",
+                     (key, rec.image_id, rec.size, rec.mtime_ns))  # fmt: skip
+    return len(new), displaced
+
+
+def _write_error(path: Path, exc: sqlite3.OperationalError) -> DatabaseError:
+    text = str(exc)
+    if "full" in text:
+        return DatabaseError(f"no space left on the device writing {path}; free space and run "
+                             "the same command again (what was committed is intact)")  # fmt: skip
+    if "readonly" in text or "read-only" in text:
+        return DatabaseError(f"{path} is read-only: cannot write to this database")
+    return DatabaseError(f"cannot write {path} ({text})")
+
+
+def _quoted(path: Path) -> str:
+    return str(path.absolute()).replace("%", "%25").replace("?", "%3f").replace("#", "%23")
+
+
+def _not_held(conn: sqlite3.Connection, images: list[ImageRecord]) -> list[ImageRecord]:
+    held: set[int] = set()
+    ids = [r.image_id for r in images]
+    for start in range(0, len(ids), _IN_CHUNK):
+        chunk = ids[start : start + _IN_CHUNK]
+        marks = ",".join("?" * len(chunk))
+        held.update(r[0] for r in conn.execute(f"SELECT id FROM images WHERE id IN ({marks})",
+                                               chunk))  # fmt: skip
+    new, seen = [], set()
+    for r in images:
+        if r.image_id not in held and r.image_id not in seen:
+            seen.add(r.image_id)
+            new.append(r)
+    return new
+
+
+def _image_of(conn: sqlite3.Connection, key: bytes) -> list[int]:
+    return [r[0] for r in conn.execute("SELECT image_id FROM paths WHERE path = ?", (key,))]
+
+
+def _count(conn: sqlite3.Connection, counts: Counter[str], sign: int) -> None:
+    conn.executemany(
+        "INSERT INTO category_sizes VALUES (?, ?) "
+        "ON CONFLICT (wnid) DO UPDATE SET n = n + excluded.n",
+        ((w, sign * n) for w, n in counts.items()),
+    )
+    if sign < 0:
+        conn.execute("DELETE FROM category_sizes WHERE n <= 0")
+
+
+def _drop_unreferenced(conn: sqlite3.Connection, ids: list[int]) -> tuple[int, set[str]]:
+    """Drop the images among `ids` that no path points at; returns how many, and their
+    categories."""
+    n, dropped = 0, Counter[str]()
+    for image_id in ids:
+        if conn.execute("SELECT 1 FROM paths WHERE image_id = ? LIMIT 1", (image_id,)).fetchone():
+            continue
+        row = conn.execute("SELECT wnids FROM images WHERE id = ?", (image_id,)).fetchone()
+        if row is None:
+            continue
+        wnids = str(row[0]).split()
+        conn.execute("DELETE FROM images WHERE id = ?", (image_id,))
+        conn.executemany("DELETE FROM placements WHERE wnid = ? AND image_id = ?",
+                         ((w, image_id) for w in wnids))  # fmt: skip
+        dropped.update(wnids)
+        n += 1
+    _count(conn, dropped, -1)
+    return n, set(dropped)

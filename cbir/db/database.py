@@ -1,0 +1,159 @@
+"""Read access to a database: its manifest, catalog, search matrix and category folders.
+
+Readers take no lock. The catalog's committed state says which rows of the matrix and which
+category files count; anything else a writer is busy with is invisible to them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from stat import S_ISREG
+
+import numpy as np
+import numpy.typing as npt
+
+from cbir import categories
+from cbir.db.catalog import CATALOG_NAME, Catalog, ImageRecord, PathRecord
+from cbir.db.manifest import Manifest, Settings, read_manifest
+from cbir.db.matrix import SearchMatrix, matrix_name
+from cbir.errors import DatabaseError
+
+MATRIX_OPEN_ATTEMPTS = 5  # a compaction may replace the matrix file between two reads
+
+
+class Database:
+    """A database opened for reading. `close()` (or `with`) releases its files."""
+
+    def __init__(self, db_dir: Path, manifest: Manifest) -> None:
+        self.db_dir = db_dir
+        self.manifest = manifest
+        self._catalog: Catalog | None = None
+        self._matrix: SearchMatrix | None = None
+
+    @classmethod
+    def open(cls, db_dir: Path) -> Database:
+        return cls(Path(db_dir), read_manifest(Path(db_dir)))
+
+    def __enter__(self) -> Database:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._matrix is not None:
+            self._matrix.close()
+            self._matrix = None
+        if self._catalog is not None:
+            self._catalog.close()
+            self._catalog = None
+
+    @property
+    def settings(self) -> Settings:
+        return self.manifest.settings
+
+    @property
+    def catalog(self) -> Catalog:
+        """The catalog, opened on first use."""
+        if self._catalog is None:
+            self._catalog = Catalog.open(self.db_dir / CATALOG_NAME, writable=True)
+        return self._catalog
+
+    def matrix(self) -> SearchMatrix:
+        """The committed rows of the search matrix as of now (re-opened when a writer has
+        committed more rows or a new generation since it was last opened)."""
+        for _ in range(MATRIX_OPEN_ATTEMPTS):
+            generation, n_rows = self.catalog.matrix_state()
+            path = self.db_dir / matrix_name(generation)
+            m = self._matrix
+            if m is not None and m.path == path and m.n_rows == n_rows:
+                return m
+            try:
+                opened = SearchMatrix(path, self.settings.feature_dim, n_rows)
+            except DatabaseError:
+                if self.catalog.matrix_state()[0] != generation:
+                    continue  # compacted meanwhile: open the new one
+                raise
+            if m is not None:
+                m.close()
+            self._matrix = opened
+            return opened
+        raise DatabaseError(f"the search matrix of {self.db_dir} kept changing; try again")
+
+    # -- what a query needs -----------------------------------------------------------------
+
+    def category_dir(self, wnid: str) -> Path:
+        if not categories.is_wnid(wnid):
+            raise DatabaseError(f"{self.db_dir} names an unknown category {wnid[:40]!r}; "
+                                "run 'cbir check --repair'")  # fmt: skip
+        return self.db_dir / categories.folder_name(wnid)
+
+    def stored_path(self, record: ImageRecord) -> Path:
+        """The stored copy of an image in its first category (names are checked on read)."""
+        return self.category_dir(record.wnids[0]) / record.stored_name
+
+    def n_images(self) -> int:
+        return self.catalog.n_images()
+
+    def n_paths(self) -> int:
+        """How many source paths point at the database's images (>= the number of images)."""
+        return self.catalog.n_paths()
+
+    def category_sizes(self) -> dict[str, int]:
+        """wnid -> number of committed images in it (no category file is read)."""
+        return self.catalog.category_sizes()
+
+    def members(self, wnid: str) -> npt.NDArray[np.int64]:
+        """(m,) sorted ids of the committed images stored in category `wnid`."""
+        return self.catalog.members(wnid)
+
+    def image(self, image_id: int) -> ImageRecord | None:
+        return self.catalog.image(image_id)
+
+    def images(self) -> Iterator[ImageRecord]:
+        """Every committed image, by id (streamed from the catalog)."""
+        return self.catalog.images()
+
+    def paths(self) -> Iterator[tuple[str, PathRecord]]:
+        """Every source path, sorted (streamed from the catalog)."""
+        return self.catalog.paths()
+
+    def paths_of(self, image_id: int) -> list[str]:
+        return self.catalog.paths_of(image_id)
+
+    def disk_bytes(self) -> int:
+        """Bytes the database takes on disk; hard-linked copies are counted once."""
+        sizes: dict[tuple[int, int], int] = {}
+        for folder, _, names in os.walk(self.db_dir):
+            for name in names:
+                info = os.lstat(os.path.join(folder, name))
+                if S_ISREG(info.st_mode):
+                    sizes[info.st_dev, info.st_ino] = info.st_size
+        return sum(sizes.values())
+
+
+class CategoryMembers(Mapping[str, npt.NDArray[np.int64]]):
+    """wnid -> (m,) sorted ids of the committed images stored in that category. Members are
+    read from the catalog when first asked for: a query needs a few categories, not all."""
+
+    def __init__(self, db: Database) -> None:
+        self._db, self._sizes = db, db.category_sizes()
+        self._members: dict[str, npt.NDArray[np.int64]] = {}
+
+    def __getitem__(self, wnid: str) -> npt.NDArray[np.int64]:
+        if wnid not in self._sizes:
+            raise KeyError(wnid)
+        if wnid not in self._members:
+            self._members[wnid] = self._db.members(wnid)
+        return self._members[wnid]
+
+    def __contains__(self, wnid: object) -> bool:
+        return wnid in self._sizes
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._sizes)
+
+    def __len__(self) -> int:
+        return len(self._sizes)

@@ -1,0 +1,157 @@
+"""The search matrix, matrix-<generation>.f16: every image's feature once, in one file.
+
+Rows are float16, little-endian, row-major, d values each, and have no header: the manifest
+gives d, the catalog gives each image's row, the generation in use and how many rows are
+committed. float16 keeps 11 bits of mantissa, more than the bf16 the default OpenVINO engine
+computes in (8 bits); `cbir evaluate` measured no loss (README). The file only grows: a
+commit appends its rows before the catalog's transaction that makes them committed, so rows
+past the committed count are a killed writer's, never read, and overwritten by the next one.
+Rows of removed images stay until dead rows outnumber live ones; then the live rows are
+written to the next generation's file and the catalog points at it in one transaction.
+
+A gated query gathers its candidates' rows (memory-mapped: it touches what it reads); an
+exhaustive one reads the file once, in blocks, never every category's copy of a row.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from cbir.db.files import damaged, fsync_dir, open_regular, tmp_name
+from cbir.errors import DatabaseError
+
+DTYPE = np.dtype("<f2")
+MATRIX_PREFIX, MATRIX_SUFFIX = "matrix-", ".f16"
+SCAN_BLOCK_ROWS = 16384  # rows converted to float32 at a time by a scan: 84 MB at d = 1280
+
+
+def matrix_name(generation: int) -> str:
+    return f"{MATRIX_PREFIX}{generation}{MATRIX_SUFFIX}"
+
+
+def generation_of(name: str) -> int | None:
+    """The generation a file name stands for, or None if it is not a matrix file's name."""
+    middle = name.removeprefix(MATRIX_PREFIX).removesuffix(MATRIX_SUFFIX)
+    if name.startswith(MATRIX_PREFIX) and name.endswith(MATRIX_SUFFIX) and middle.isdigit():
+        return int(middle)
+    return None
+
+
+class SearchMatrix:
+    """The committed rows of one generation's matrix file, read-only."""
+
+    def __init__(self, path: Path, dim: int, n_rows: int) -> None:
+        self.path, self.dim, self.n_rows = path, dim, n_rows
+        self._fd: int | None = None
+        self._map: mmap.mmap | None = None
+        self._rows: npt.NDArray[np.float16] = np.zeros((0, dim), DTYPE)
+        if n_rows == 0:
+            return
+        try:
+            self._fd = open_regular(path)
+        except FileNotFoundError:
+            raise DatabaseError(f"{path} is missing; run 'cbir check --repair'") from None
+        except OSError as exc:
+            raise damaged(path, f"not a regular file: {exc}") from exc
+        size = os.fstat(self._fd).st_size
+        if size < n_rows * dim * DTYPE.itemsize:
+            self.close()
+            raise damaged(path, f"{size} bytes, but the catalog has {n_rows} rows of {dim}")
+        self._map = mmap.mmap(self._fd, n_rows * dim * DTYPE.itemsize, access=mmap.ACCESS_READ)
+        self._rows = np.frombuffer(self._map, DTYPE).reshape(n_rows, dim)
+
+    def close(self) -> None:
+        self._rows = np.zeros((0, self.dim), DTYPE)
+        if self._map is not None:
+            with contextlib.suppress(BufferError):  # a caller still holds a view: GC closes it
+                self._map.close()
+            self._map = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def gather(self, rows: npt.NDArray[np.int64]) -> npt.NDArray[np.float32]:
+        """(r, d) float32 features of `rows` (committed rows; sorted rows read fastest)."""
+        rows = np.asarray(rows, np.int64)
+        if len(rows) and (rows.min() < 0 or rows.max() >= self.n_rows):
+            raise damaged(self.path, "the catalog points past the matrix's committed rows")
+        return self._rows[rows].astype(np.float32)
+
+    def blocks(self, block_rows: int = SCAN_BLOCK_ROWS) -> Iterator[tuple[int, np.ndarray]]:
+        """(first row, (b, d) float32 block) over every committed row, read with plain reads
+        so that a scan does not keep the whole file mapped into the process's memory."""
+        if self._fd is None:
+            return
+        row_bytes = self.dim * DTYPE.itemsize
+        for start in range(0, self.n_rows, block_rows):
+            n = min(block_rows, self.n_rows - start)
+            data = os.pread(self._fd, n * row_bytes, start * row_bytes)
+            if len(data) != n * row_bytes:
+                raise damaged(self.path, "it ends before its committed rows")
+            yield start, np.frombuffer(data, DTYPE).reshape(n, self.dim).astype(np.float32)
+
+
+class MatrixAppender:
+    """A writer's end of the current matrix file: appends rows past the committed ones."""
+
+    def __init__(self, path: Path, dim: int, committed_rows: int) -> None:
+        self.path, self.dim = path, dim
+        self.next_row = committed_rows  # uncommitted rows of a killed writer are overwritten
+        flags = os.O_RDWR | os.O_CREAT
+        try:
+            self._fd = open_regular(path, flags)
+        except OSError as exc:
+            raise damaged(path, f"not a regular file: {exc}") from exc
+        size = os.fstat(self._fd).st_size
+        row_bytes = dim * DTYPE.itemsize
+        if size < committed_rows * row_bytes:
+            os.close(self._fd)
+            raise damaged(path, f"{size} bytes, but the catalog has {committed_rows} rows")
+        if size > committed_rows * row_bytes:
+            os.ftruncate(self._fd, committed_rows * row_bytes)
+
+    def append(self, features: npt.NDArray[np.floating]) -> int:
+        """Write (n, d) rows after the last ones; returns the first one's row. Durable after
+        the next sync (the writer syncs before its catalog commit)."""
+        data = np.ascontiguousarray(features, DTYPE)
+        if data.ndim != 2 or data.shape[1] != self.dim:
+            raise ValueError(f"rows of shape {data.shape}, expected (n, {self.dim})")
+        first = self.next_row
+        os.pwrite(self._fd, data.tobytes(), first * self.dim * DTYPE.itemsize)
+        self.next_row += len(data)
+        return first
+
+    def sync(self) -> None:
+        os.fsync(self._fd)
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+def write_matrix(path: Path, blocks: Iterator[np.ndarray], dim: int) -> int:
+    """Write a whole new matrix file from (b, d) blocks, synced; returns its rows. The caller
+    points the catalog at it (then it is in use) and deletes the old one."""
+    tmp = tmp_name(path)
+    n = 0
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+        with open(fd, "wb") as f:
+            for block in blocks:
+                data = np.ascontiguousarray(block, DTYPE).reshape(-1, dim)
+                f.write(data.tobytes())
+                n += len(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    fsync_dir(path.parent)
+    return n

@@ -1,0 +1,562 @@
+"""Writing a database: the only code that changes its files.
+
+Order of a commit that adds images (each step durable before the next counts on it):
+  copies into category folders -> matrix rows appended past the committed ones -> new
+  category segments (temporary names) -> sync -> segments renamed -> catalog transaction
+  (the commit point: images, their rows, paths, the matrix's committed row count) ->
+  manifest -> merge segments
+Removing: catalog transaction -> category segments rewritten without the dropped rows ->
+stored copies deleted -> manifest; the matrix keeps dead rows until they outnumber live ones.
+
+A crash at any point leaves a database whose catalog describes a complete state: rows past
+the committed count, segment rows and copies the catalog does not list are invisible to
+readers, and the next writer (seeing the `.writing` marker) removes them before going on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import shutil
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from cbir import categories
+from cbir.db.catalog import CATALOG_NAME, Catalog, ImageRecord, PathRecord
+from cbir.db.category_files import (
+    CategoryRows,
+    merging_writer,
+    next_segment_number,
+    segments,
+)
+from cbir.db.database import Database
+from cbir.db.files import fsync_dir, load_npz, tmp_name, write_atomic, write_many_atomic
+from cbir.db.manifest import (
+    MANIFEST_NAME,
+    Manifest,
+    Settings,
+    now_iso,
+    read_manifest,
+    write_manifest,
+)
+from cbir.db.matrix import MatrixAppender, generation_of, matrix_name, write_matrix
+from cbir.errors import CbirError, DatabaseError, DatabaseLocked
+from cbir.hashing import image_id_of
+
+LOCK_NAME = ".lock"
+WRITING_NAME = ".writing"
+MIN_DEAD_ROWS = 4096  # the matrix is compacted once dead rows are this many and outnumber live
+OWN_FILES = (LOCK_NAME, WRITING_NAME, CATALOG_NAME)  # what a run killed while creating leaves
+
+
+@dataclass(frozen=True)
+class NewImage:
+    """One described image, ready to be stored."""
+
+    source_path: Path
+    sha256: str  # hex digest of the file's bytes
+    size: int
+    mtime_ns: int
+    wnids: tuple[str, ...]  # top-k categories, most probable first
+    probs: tuple[float, ...]  # their probabilities
+    feature: npt.NDArray[np.float32]  # (d,) unit-norm
+
+    @property
+    def image_id(self) -> int:
+        return image_id_of(self.sha256)
+
+
+def stored_name(source_path: Path, sha256: str) -> str:
+    """A readable file name that never collides: two different IMG_0001.jpg get two names."""
+    stem = os.fsencode(source_path.stem)[:80].decode("utf-8", "replace").lstrip(".") or "image"
+    suffix = source_path.suffix.lower()
+    name = f"{stem}-{sha256[:10]}{suffix}"
+    return name.encode("utf-8", "replace").decode("utf-8").replace("\ufffd", "_")
+
+
+class Writer:
+    """Exclusive write access to a database; made by `open_writer`."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self.db_dir = db.db_dir
+        self._appender: MatrixAppender | None = None
+        self._pending_removals: set[str] = set()  # categories that may hold removed images
+        self._folders: set[Path] = set()  # category folders known to exist
+        self._n_images: int | None = None  # kept by each commit (counting costs a scan)
+
+    @property
+    def settings(self) -> Settings:
+        return self.db.settings
+
+    @property
+    def catalog(self) -> Catalog:
+        return self.db.catalog
+
+    def close(self) -> None:
+        if self._appender is not None:
+            self._appender.close()
+            self._appender = None
+        self.db.close()
+
+    def n_images(self) -> int:
+        if self._n_images is None:
+            self._n_images = self.catalog.n_images()
+        return self._n_images
+
+    # -- adding -----------------------------------------------------------------------------
+
+    def record_engine(self, engine: str, precision: str) -> None:
+        """Note which engine and precision computed features (saved with the next commit);
+        a database extended with another one lists both, e.g. "openvino+tensorflow"."""
+        s = self.db.manifest.settings
+        self.db.manifest.settings = replace(
+            s, engine=_merged(s.engine, engine), precision=_merged(s.precision, precision)
+        )
+
+    def lookup_path(self, path: str, size: int, mtime_ns: int) -> int | None:
+        """The image id of an unchanged, already indexed file, else None."""
+        rec = self.catalog.path_record(path)
+        if rec is not None and rec.size == size and rec.mtime_ns == mtime_ns:
+            return rec.image_id
+        return None
+
+    def has_image(self, sha256: str) -> bool:
+        return self.catalog.has_image(image_id_of(sha256))
+
+    def add_paths(self, entries: list[tuple[str, str, int, int]]) -> None:
+        """Remember more source paths (path, sha256, size, mtime_ns) of images already indexed."""
+        if entries:
+            self._commit(paths=[(path, PathRecord(image_id_of(sha), size, mtime))
+                                for path, sha, size, mtime in entries])  # fmt: skip
+
+    def place_copies(self, images: Iterable[NewImage]) -> None:
+        """Store the copies of described images ahead of their commit, so that copying
+        overlaps with describing the next ones. Until committed they are orphans, which the
+        repair after a crash removes; `add_images` keeps copies already placed."""
+        for img in images:
+            with contextlib.suppress(FileNotFoundError):  # source gone: add_images drops it
+                self._place(img)
+
+    def add_images(self, new: list[NewImage]) -> None:
+        """Store a chunk of new images and commit it (see the module docstring for the order)."""
+        unique: dict[int, NewImage] = {}
+        for img in new:
+            if img.image_id not in unique and not self.catalog.has_image(img.image_id):
+                unique[img.image_id] = img
+        placed: list[NewImage] = []
+        for img in unique.values():
+            try:
+                self._place(img)
+            except FileNotFoundError:  # deleted since it was read: not indexed
+                self._pending_removals.update(img.wnids)  # the commit drops copies made
+                continue
+            placed.append(img)
+        if not placed:
+            return
+        dim = self.settings.feature_dim
+        features = np.stack([i.feature for i in placed]).astype(np.float32).reshape(-1, dim)
+        first_row = self._matrix_appender().append(features)
+        rows = {img.image_id: first_row + n for n, img in enumerate(placed)}
+        by_wnid: dict[str, list[int]] = {}
+        for n, img in enumerate(placed):
+            for wnid in img.wnids:
+                by_wnid.setdefault(wnid, []).append(n)
+
+        def new_segments() -> Iterator[tuple[Path, Callable]]:
+            for wnid, members in sorted(by_wnid.items()):
+                folder = self.db.category_dir(wnid)
+                seq = next_segment_number(folder)
+                imgs = [placed[n] for n in members]
+                added = CategoryRows(
+                    np.array([i.image_id for i in imgs], np.int64),
+                    np.array([stored_name(i.source_path, i.sha256) for i in imgs], np.str_),
+                    np.array([i.probs[i.wnids.index(wnid)] for i in imgs], np.float32),
+                    features[members],
+                )
+                yield folder / f"features.{seq}-{seq}.npz", added.writer()
+
+        write_many_atomic(new_segments())  # its first sync also makes copies and rows durable
+        self._commit(
+            images=[ImageRecord(i.image_id, i.sha256, stored_name(i.source_path, i.sha256),
+                                i.wnids, i.probs, rows[i.image_id]) for i in placed],
+            paths=[(str(i.source_path), PathRecord(i.image_id, i.size, i.mtime_ns))
+                   for i in placed],
+            matrix_rows=self._matrix_appender().next_row,
+        )  # fmt: skip
+        self._merge_segments(sorted(by_wnid))
+
+    def _matrix_appender(self) -> MatrixAppender:
+        if self._appender is None:
+            generation, committed = self.catalog.matrix_state()
+            self._appender = MatrixAppender(self.db_dir / matrix_name(generation),
+                                            self.settings.feature_dim, committed)  # fmt: skip
+        return self._appender
+
+    def _merge_segments(self, wnids: list[str]) -> None:
+        """Merge each category's newest segments while the one before them is at most twice
+        their size together (file sizes stand for row counts: features are most of a file)."""
+        merges: list[tuple[str, Path, list[Path]]] = []
+        for wnid in wnids:
+            live, _ = segments(self.db.category_dir(wnid))
+            sizes = [seg.path.stat().st_size for seg in live]
+            first, newer = len(live) - 1, sum(sizes[-1:])
+            while first > 0 and sizes[first - 1] <= 2 * newer:
+                first -= 1
+                newer += sizes[first]
+            if first < len(live) - 1:
+                tail = live[first:]
+                name = f"features.{tail[0].lo}-{tail[-1].hi}.npz"
+                merges.append((wnid, tail[0].path.with_name(name), [s.path for s in tail]))
+        if not merges:
+            return  # and no syncs
+        dim = self.settings.feature_dim
+        write_many_atomic(
+            (target, merging_writer(sources, dim, self.db.members(wnid)))
+            for wnid, target, sources in merges
+        )
+        for _, _, sources in merges:
+            for path in sources:
+                path.unlink()
+
+    def _place(self, img: NewImage) -> None:
+        """Copy or link the image's source into each of its category folders; an existing
+        entry is kept (its name holds the content hash, so it has the same content).
+
+        With link="copy" the file is copied once and the other categories' entries are hard
+        links to that copy: one file's disk space instead of k. Where the file system has no
+        hard links, each entry is a full copy."""
+        link, source = self.settings.link, img.source_path
+        name = stored_name(source, img.sha256)
+        placed: Path | None = None
+        for target in (self.db.category_dir(w) / name for w in img.wnids):
+            if target.parent not in self._folders:
+                _make_folder(target.parent)
+                self._folders.add(target.parent)
+            with contextlib.suppress(FileExistsError):
+                if link == "hardlink":
+                    _hard_link(source, target, self.db_dir)
+                elif link == "symlink":
+                    os.symlink(source.resolve(), target)
+                elif placed is None or not _try_link(placed, target):
+                    _copy_new(source, target)
+            placed = placed or target
+
+    # -- removing ---------------------------------------------------------------------------
+
+    def remove_paths(self, paths: Iterable[str]) -> int:
+        """Forget source paths; images left with no path are removed. Returns images removed."""
+        n_before = self.n_images()
+        self._commit(forget=paths)
+        self.compact_if_needed()
+        return n_before - self.n_images()
+
+    def drop_images(self, ids: Iterable[int]) -> None:
+        """Forget images whatever paths they have (check --repair)."""
+        done = self.catalog.drop_images(ids)
+        self._n_images = None
+        self._drop_uncommitted_rows(sorted(done.dropped_from))
+        self._write_manifest()
+
+    def compact_if_needed(self) -> None:
+        """Rewrite the matrix without dead rows once they outnumber the live ones."""
+        _, n_rows = self.catalog.matrix_state()
+        dead = n_rows - self.n_images()
+        if dead >= MIN_DEAD_ROWS and dead > self.n_images():
+            self.compact()
+
+    def compact(self) -> None:
+        """Write the live rows, in their order, as the next generation's matrix file; one
+        catalog transaction points every image at its new row; the old file goes."""
+        generation, _ = self.catalog.matrix_state()
+        ids, rows = self.catalog.all_rows()
+        old = self.db.matrix()
+        new_path = self.db_dir / matrix_name(generation + 1)
+        block = 16384
+        n = write_matrix(new_path, (old.gather(rows[s : s + block])
+                                    for s in range(0, len(rows), block)),
+                         self.settings.feature_dim)  # fmt: skip
+        self.catalog.move_rows(dict(zip(ids.tolist(), range(n), strict=True)), generation + 1, n)
+        if self._appender is not None:
+            self._appender.close()
+            self._appender = None
+        self.db.close()  # the old matrix's map
+        self._delete_other_matrices(generation + 1)
+
+    def _delete_other_matrices(self, current: int) -> None:
+        for name in os.listdir(self.db_dir):
+            gen = generation_of(name)
+            if gen is not None and gen != current:
+                (self.db_dir / name).unlink()
+
+    def replace_matrix(self, blocks: Iterator[tuple[npt.NDArray[np.int64], np.ndarray]]) -> None:
+        """Write a new matrix from (ids (b,), features (b, d)) blocks and point the catalog's
+        images at its rows (check --repair): every image of the catalog must be in it."""
+        generation, _ = self.catalog.matrix_state()
+        new_rows: dict[int, int] = {}
+
+        def features() -> Iterator[np.ndarray]:
+            for ids, block in blocks:
+                for image_id in ids.tolist():
+                    new_rows[image_id] = len(new_rows)
+                yield block
+
+        n = write_matrix(self.db_dir / matrix_name(generation + 1), features(),
+                         self.settings.feature_dim)  # fmt: skip
+        self.catalog.move_rows(new_rows, generation + 1, n)
+        if self._appender is not None:
+            self._appender.close()
+            self._appender = None
+        self.db.close()
+        self._delete_other_matrices(generation + 1)
+
+    # -- committing -------------------------------------------------------------------------
+
+    def _commit(
+        self,
+        images: Iterable[ImageRecord] = (),
+        paths: Iterable[tuple[str, PathRecord]] = (),
+        forget: Iterable[str] = (),
+        matrix_rows: int | None = None,
+    ) -> None:
+        """Commit to the catalog (the commit point), then tidy what removals left behind and
+        update the manifest."""
+        n_before = self.n_images()
+        done = self.catalog.commit(images, paths, forget, matrix_rows)
+        self._n_images = n_before + done.added - done.dropped
+        self._pending_removals.update(done.dropped_from)
+        if self._pending_removals:
+            self._drop_uncommitted_rows(sorted(self._pending_removals))
+            self._pending_removals.clear()
+        self._write_manifest()
+
+    def _write_manifest(self) -> None:
+        self.db.manifest.n_images = self.n_images()
+        self.db.manifest.updated = now_iso()
+        write_manifest(self.db_dir, self.db.manifest)
+
+    def category_folders(self) -> Iterator[tuple[str, Path]]:
+        """(wnid, folder) of every category folder on disk, whether the catalog lists it."""
+        for name in sorted(os.listdir(self.db_dir)):
+            wnid = name.split("_", 1)[0]
+            path = self.db_dir / name
+            is_folder = path.is_dir() and not path.is_symlink()
+            if categories.is_wnid(wnid) and name == categories.folder_name(wnid) and is_folder:
+                yield wnid, path
+
+    def _drop_uncommitted_rows(self, wnids: list[str] | None = None) -> None:
+        """Remove segment rows, stored copies and leftovers the catalog does not list, in the
+        categories `wnids` (None: every category folder). Only the small columns are read;
+        a segment is rewritten (streaming its features) only when it holds such rows."""
+        if wnids is None:
+            folders = list(self.category_folders())
+        else:
+            folders = [(w, d) for w in wnids if (d := self.db.category_dir(w)).is_dir()]
+        dim = self.settings.feature_dim
+        for wnid, folder in folders:
+            committed = self.db.members(wnid)
+            live, _ = segments(folder)
+            wanted = set()
+            for seg in live:
+                small = load_npz(seg.path, ("ids", "files"))
+                keep = np.isin(small["ids"], committed)
+                if keep.any():
+                    wanted |= {seg.path.name, *small["files"][keep].tolist()}
+                    if not keep.all():
+                        write_atomic(seg.path, merging_writer([seg.path], dim, committed))
+            for entry in os.scandir(folder):  # stale segments, copies and temporary files go
+                if entry.name not in wanted and not entry.is_dir(follow_symlinks=False):
+                    os.unlink(entry.path)
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # empty category folders go
+                self._folders.discard(folder)
+
+    def repair(self) -> None:
+        """Bring the files back in line with the catalog after an interrupted write."""
+        for name in os.listdir(self.db_dir):
+            if name.startswith(".tmp-"):
+                (self.db_dir / name).unlink()
+        generation, committed = self.catalog.matrix_state()
+        self._delete_other_matrices(generation)
+        if os.path.lexists(self.db_dir / matrix_name(generation)):
+            self._matrix_appender()  # truncates rows past the committed ones
+        elif committed == 0:
+            write_matrix(self.db_dir / matrix_name(generation), iter(()), self.settings.feature_dim)
+        self._drop_uncommitted_rows()
+
+
+def _merged(recorded: str, new: str) -> str:
+    parts = [p for p in recorded.split("+") if p]
+    return "+".join(parts if new in parts else [*parts, new])
+
+
+def _make_folder(folder: Path) -> None:
+    try:
+        folder.mkdir()
+    except FileExistsError:
+        if folder.is_symlink() or not folder.is_dir():
+            raise DatabaseError(f"{folder} is not a folder of this database (a link or a file); "
+                                "run 'cbir check --repair'") from None  # fmt: skip
+
+
+def _hard_link(source: Path, target: Path, db_dir: Path) -> None:
+    try:
+        os.link(source, target, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno == errno.EXDEV:
+            raise CbirError(
+                f"cannot hard-link {source} into {db_dir}: different file systems; "
+                "use --link copy or --link symlink"
+            ) from exc
+        raise
+
+
+def _copy_new(source: Path, target: Path) -> None:
+    """Copy to a temporary name and rename; FileExistsError when `target` is already there."""
+    if os.path.lexists(target):
+        raise FileExistsError(target)
+    tmp = tmp_name(target)
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
+
+
+def _try_link(existing: Path, new: Path) -> bool:
+    """Hard-link `new` to `existing`; False where the file system cannot (FAT, some shares)."""
+    try:
+        os.link(existing, new, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EACCES):
+            return False
+        raise
+    return True
+
+
+# -- opening ------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def open_writer(
+    db_dir: Path,
+    create: Settings | None = None,
+    wait: bool = True,
+    on_wait: Callable[[str], None] | None = None,
+    repair_interrupted: bool = True,
+) -> Iterator[Writer]:
+    """Lock the database for writing. Where there is none yet, it is made with `create`'s
+    settings; a database without a committed image takes `create`'s settings too (a first
+    run that failed before indexing anything must not pin its choice of model).
+
+    A second writer waits (calling `on_wait` once with a message) or, with wait=False, fails.
+    The caller checks that the settings it needs match `writer.settings`.
+    """
+    db_dir = Path(db_dir)
+    if not (db_dir / MANIFEST_NAME).exists():
+        if create is None:
+            read_manifest(db_dir)  # raises the right "no database" error
+        _refuse_foreign_folder(db_dir)
+        _make_dirs(db_dir)
+    with _locked(db_dir, wait, on_wait):
+        if not (db_dir / MANIFEST_NAME).exists():
+            assert create is not None
+            _create_database(db_dir, create)
+        manifest = read_manifest(db_dir)
+        db = Database(db_dir, manifest)
+        if create is not None and manifest.settings != create and _is_empty(db):
+            manifest.settings = create
+            write_manifest(db_dir, manifest)
+        writer = Writer(db)
+        try:
+            marker = db_dir / WRITING_NAME
+            if not repair_interrupted:
+                yield writer
+                return
+            if marker.exists():
+                writer.repair()
+            marker.touch()
+            yield writer
+            marker.unlink()
+        finally:
+            writer.close()
+
+
+def _is_empty(db: Database) -> bool:
+    return db.catalog.n_images() == 0 and db.catalog.n_paths() == 0
+
+
+def _refuse_foreign_folder(db_dir: Path) -> None:
+    """A folder that exists and holds other files is not made into a database."""
+    if not db_dir.exists():
+        return
+    if not db_dir.is_dir():
+        raise DatabaseError(f"{db_dir} is a file, not a folder for a database")
+    others = [n for n in os.listdir(db_dir)
+              if n not in OWN_FILES and not n.startswith(".tmp-") and generation_of(n) is None]
+    if others:
+        raise DatabaseError(f"{db_dir} is a folder of other files ({others[0]}, ...), not a cbir "
+                            "database: give a new or empty folder")  # fmt: skip
+
+
+def _make_dirs(db_dir: Path) -> None:
+    try:
+        db_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DatabaseError(f"cannot create the database folder {db_dir} "
+                            f"({exc.strerror or exc})") from exc  # fmt: skip
+
+
+def _create_database(db_dir: Path, settings: Settings) -> None:
+    """An empty database: catalog and matrix first, the manifest (which makes it one) last."""
+    path = db_dir / CATALOG_NAME
+    tmp = tmp_name(path)
+    try:
+        Catalog.create(tmp).close()
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    write_matrix(db_dir / matrix_name(1), iter(()), settings.feature_dim)
+    fsync_dir(db_dir)
+    write_manifest(db_dir, Manifest(settings, now_iso(), now_iso()))
+
+
+@contextlib.contextmanager
+def _locked(db_dir: Path, wait: bool, on_wait: Callable[[str], None] | None) -> Iterator[None]:
+    try:
+        fd = os.open(db_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as exc:
+        raise DatabaseError(f"cannot write to the database {db_dir} "
+                            f"({exc.strerror or exc})") from exc  # fmt: skip
+    with open(fd, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            message = f"another cbir process is writing to {db_dir}"
+            if not wait:
+                raise DatabaseLocked(f"{message} (not waiting: --no-wait)") from None
+            if on_wait is not None:
+                on_wait(f"{message}; waiting for it to finish")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def check_compatible(db_dir: Path, settings: Settings, backbone: str, weights: str) -> None:
+    """Refuse to mix features of two models in one database or query."""
+    if (settings.backbone, settings.weights) != (backbone, weights):
+        raise DatabaseError(
+            f"{db_dir} was built with --model {settings.backbone} --weights {settings.weights}, "
+            f"not --model {backbone} --weights {weights}: features of different models cannot "
+            f"be compared (use --model {settings.backbone}, or build a new database)"
+        )
