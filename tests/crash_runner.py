@@ -4,6 +4,7 @@
 
 POINT is where the process kills itself on the N-th time it gets there:
   copy        after half of an image copy into a category folder was written
+  matrix      after half of a commit's rows were appended to the search matrix
   features    after half of a category's new segment was written to its temporary file
   merge       after half of a merge of a category's segments was written (streamed rewrite)
   catalog     with a commit's rows written into the catalog's transaction, before COMMIT
@@ -23,8 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cbir import catalogdb, store  # noqa: E402
 from cbir.cli import main  # noqa: E402
+from cbir.db import catalog, category_files, matrix, writer  # noqa: E402
 
 
 def die() -> None:
@@ -40,7 +41,7 @@ def install(point: str, nth: int) -> None:
         return calls == nth
 
     if point == "copy":
-        real_copy = store.shutil.copyfile
+        real_copy = writer.shutil.copyfile
 
         def copyfile(src: str, dst: str) -> str:
             if due():
@@ -49,18 +50,32 @@ def install(point: str, nth: int) -> None:
                 die()
             return real_copy(src, dst)
 
-        store.shutil.copyfile = copyfile
+        writer.shutil.copyfile = copyfile
         return
 
     if point == "manifest":
-        real_write = store._write_atomic
+        real_write = writer.write_manifest
 
-        def write_atomic(path: Path, write) -> None:  # noqa: ANN001
-            if path.name == store.MANIFEST_NAME and due():
+        def write_manifest(db_dir: Path, manifest) -> None:  # noqa: ANN001
+            if due():
                 die()
-            real_write(path, write)
+            real_write(db_dir, manifest)
 
-        store._write_atomic = write_atomic
+        writer.write_manifest = write_manifest
+        return
+
+    if point == "matrix":
+        real_append = matrix.MatrixAppender.append
+
+        def append(self, features):  # noqa: ANN001, ANN202
+            if due():
+                half = features[: max(1, len(features) // 2)]
+                real_append(self, half)
+                os.fsync(self._fd)
+                die()
+            return real_append(self, features)
+
+        matrix.MatrixAppender.append = append
         return
 
     def half_then_die(write):  # noqa: ANN001, ANN202
@@ -74,7 +89,7 @@ def install(point: str, nth: int) -> None:
         return write_half_then_die
 
     if point == "catalog":
-        real_transaction = catalogdb.CatalogDB._transaction
+        real_transaction = catalog.Catalog.transaction
 
         @contextlib.contextmanager
         def transaction(self):  # noqa: ANN001, ANN202
@@ -84,26 +99,26 @@ def install(point: str, nth: int) -> None:
                 if conn.total_changes > before and due():
                     die()
 
-        catalogdb.CatalogDB._transaction = transaction
+        catalog.Catalog.transaction = transaction
         return
 
     if point == "merge":
-        real_merging_writer = store._merging_writer
+        real_merging_writer = writer.merging_writer
 
         def merging_writer(*args):  # noqa: ANN002, ANN202
             write = real_merging_writer(*args)
             return half_then_die(write) if due() else write
 
-        store._merging_writer = merging_writer
+        writer.merging_writer = merging_writer
         return
 
-    real_category_writer = store._category_writer
+    real_segment_writer = category_files.CategoryRows.writer
 
-    def category_writer(rows):  # noqa: ANN001, ANN202
-        write = real_category_writer(rows)
+    def segment_writer(self):  # noqa: ANN001, ANN202
+        write = real_segment_writer(self)
         return half_then_die(write) if due() else write
 
-    store._category_writer = category_writer
+    category_files.CategoryRows.writer = segment_writer
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from cbir.cli import main
-from cbir.store import MANIFEST_NAME, Database
+from cbir.db import MANIFEST_NAME, Database
 from tests.conftest import TESTDATA, needs_shared
 
 REPO = Path(__file__).resolve().parent.parent
@@ -50,7 +50,7 @@ def test_query_reports_each_image_once_by_source_path(photos_db, photos_dir, cap
 def test_same_file_name_in_two_folders_is_stored_twice(photos_db, photos_dir):
     stored = [p.name for p in photos_db.rglob("IMG_0001-*.jpg")]
     assert len(set(stored)) == 2
-    paths = Database.open(photos_db).catalog.paths
+    paths = [p for p, _ in Database.open(photos_db).paths()]
     names = {Path(p).parent.name for p in paths if p.endswith("IMG_0001.jpg")}
     assert names == {"animals", "landscapes"}
 
@@ -58,15 +58,20 @@ def test_same_file_name_in_two_folders_is_stored_twice(photos_db, photos_dir):
 def test_database_files_are_plain_arrays_and_each_image_is_in_top_k_folders(photos_db):
     manifest = json.loads((photos_db / MANIFEST_NAME).read_text())
     assert manifest["backbone"] == "efficientnet_lite0" and manifest["n_images"] == 37
+    assert manifest["format_version"] == 4
     rows = 0
     for npz_path in photos_db.glob("n*/features.*.npz"):
         with np.load(npz_path, allow_pickle=False) as npz:
+            assert sorted(npz.files) == ["features", "files", "ids", "probs"]  # no paths
             features = npz["features"]
-            assert features.dtype == np.float32 and features.shape[1] == 1280
-            np.testing.assert_allclose(np.linalg.norm(features, axis=1), 1, atol=1e-4)
+            assert features.dtype == np.float16 and features.shape[1] == 1280
+            np.testing.assert_allclose(np.linalg.norm(features, axis=1), 1, atol=2e-3)
             assert all((npz_path.parent / f).is_file() for f in npz["files"])
             rows += len(features)
     assert rows == 37 * 4
+    # The search matrix holds every image's feature once, float16 rows without a header.
+    [matrix] = photos_db.glob("matrix-*.f16")
+    assert matrix.stat().st_size == 37 * 1280 * 2
 
 
 def test_info_lists_model_counts_and_categories(photos_db, capsys):

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from cbir.cli import main
-from cbir.store import Database, category_segments
+from cbir.db import Database
+from cbir.db.category_files import read_folder, segments
 from tests.conftest import needs_shared
 
 pytestmark = needs_shared
@@ -33,22 +34,28 @@ OPTIONS = [
 
 
 def db_state(db_dir: Path) -> tuple[dict, dict]:
-    """(everything but features, features by category) of a database, as readers see it."""
-    db = Database.open(db_dir)
-    state: dict = {
-        "images": {i: (r.sha256, r.stored_name, r.wnids) for i, r in db.catalog.images.items()},
-        "paths": {p: r.image_id for p, r in db.catalog.paths.items()},
-        "files": sorted(  # feature files are compared by their rows below
-            str(p.relative_to(db_dir)) for p in db_dir.glob("*/*") if p.suffix != ".npz"
-        ),
-        "manifest_images": db.manifest.n_images,
-    }
-    features = {}
-    for folder in sorted(db_dir.glob("n*_*")):
-        rows = db.read_category(folder.name.split("_")[0])
-        order = np.argsort(rows.ids)
-        state[folder.name] = (rows.ids[order].tolist(), rows.files[order].tolist())
-        features[folder.name] = rows.features[order]
+    """(everything but features, features by image and by category) of a database, as readers
+    see it: the catalog, the stored files, each category file's committed rows, and the search
+    matrix's row of every image."""
+    with Database.open(db_dir) as db:
+        state: dict = {
+            "images": {r.image_id: (r.sha256, r.stored_name, r.wnids) for r in db.images()},
+            "paths": {p: r.image_id for p, r in db.paths()},
+            "files": sorted(  # feature files are compared by their rows below
+                str(p.relative_to(db_dir)) for p in db_dir.glob("*/*") if p.suffix != ".npz"
+            ),
+            "manifest_images": db.manifest.n_images,
+            "matrix_rows": db.matrix().n_rows,  # a killed commit's rows are overwritten
+        }
+        features = {}
+        for folder in sorted(db_dir.glob("n*_*")):
+            rows = read_folder(folder, db.settings.feature_dim)
+            keep = np.isin(rows.ids, db.members(folder.name.split("_")[0]))
+            order = np.argsort(rows.ids[keep])
+            state[folder.name] = (rows.ids[keep][order].tolist(), rows.files[keep][order].tolist())
+            features[folder.name] = rows.features[keep][order].astype(np.float32)
+        records = sorted(db.images(), key=lambda r: r.image_id)
+        features["matrix"] = db.matrix().gather(np.array([r.row for r in records], np.int64))
     return state, features
 
 
@@ -71,6 +78,8 @@ def run_cbir(*args: str, kill_at: tuple[str, int] | None = None) -> subprocess.P
     [
         ("copy", 3),
         ("copy", 30),
+        ("matrix", 1),
+        ("matrix", 4),
         ("features", 1),
         ("features", 40),
         ("merge", 1),
@@ -90,7 +99,7 @@ def test_killed_run_leaves_a_working_database_that_a_rerun_completes(
     assert killed.returncode == -signal.SIGKILL, err
 
     # In between: the database opens, and a query answers from what was committed.
-    committed = len(Database.open(db).catalog.images)
+    committed = Database.open(db).n_images()
     assert committed < 37
     chelsea = photos_dir / "animals" / "chelsea.jpg"
     assert main(["query", str(db), str(chelsea), "--json", "--precision", "fp32"]) == 0
@@ -105,7 +114,8 @@ def test_killed_run_leaves_a_working_database_that_a_rerun_completes(
     for name, rows in features.items():
         np.testing.assert_allclose(rows, expected_features[name], atol=1e-4)
     assert not list(db.rglob(".tmp-*")) and not (db / ".writing").exists()
-    assert not [stale for folder in db.glob("n*_*") for stale in category_segments(folder)[1]]
+    assert not [stale for folder in db.glob("n*_*") for stale in segments(folder)[1]]
+    assert main(["check", str(db)]) == 0
 
 
 def test_two_concurrent_adds_lose_nothing(photos_dir, reference, tmp_path):
@@ -121,11 +131,12 @@ def test_two_concurrent_adds_lose_nothing(photos_dir, reference, tmp_path):
     b = run_cbir("add", str(db), str(second_half), *OPTIONS)
     (_, err_a), (_, err_b) = a.communicate(timeout=300), b.communicate(timeout=300)
     assert (a.returncode, b.returncode) == (0, 0), err_a + err_b
-    catalog = Database.open(db).catalog
-    assert {folder_and_name(p) for p in catalog.paths} == {
+    with Database.open(db) as database:
+        paths = [p for p, _ in database.paths()]
+        assert database.n_images() == 37
+    assert {folder_and_name(p) for p in paths} == {
         folder_and_name(p) for p in reference[0]["paths"]
     }
-    assert len(catalog.images) == 37
 
 
 def folder_and_name(path: str) -> str:
@@ -133,7 +144,7 @@ def folder_and_name(path: str) -> str:
 
 
 def test_second_writer_waits_with_a_message_or_fails_clearly_with_no_wait(photos_db):
-    from cbir.store import open_writer
+    from cbir.db import open_writer
 
     with open_writer(photos_db):
         refused = run_cbir("sync", str(photos_db), "--no-wait")

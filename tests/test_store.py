@@ -1,5 +1,6 @@
-"""A category's rows live in segments: merging streams the features through in blocks, readers
-are not disturbed by a writer merging, and a format-1 database is marked format 3 in time."""
+"""The v2 store on synthetic features written through the real writer: category segments
+merge without losing rows, readers are not disturbed by a writer, the search matrix holds each
+image once and survives removals (compaction), and other formats are refused."""
 
 from __future__ import annotations
 
@@ -12,62 +13,56 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cbir import store
-from cbir.catalogdb import CatalogDB
-from cbir.errors import DatabaseError
-from cbir.store import (
-    MANIFEST_NAME,
+from cbir.db import MANIFEST_NAME, Database, NewImage, Settings, open_writer
+from cbir.db import writer as writer_module
+from cbir.db.category_files import (
+    FEATURE_BLOCK_ROWS,
     CategoryRows,
-    Database,
-    NewImage,
-    Settings,
-    open_writer,
-    read_category_file,
-    read_category_folder,
-)  # fmt: skip
-from tests.legacy import to_format_1
+    merging_writer,
+    read_folder,
+    read_segment,
+    segments,
+)
+from cbir.db.files import write_atomic
+from cbir.errors import DatabaseError
+from cbir.query import exhaustive
+from cbir.search import top_matches
 
 DIM = 8
 REPO = Path(__file__).resolve().parent.parent
+WNIDS = ("n01440764", "n01443537")  # tench, goldfish: every synthetic image is in both
+SETTINGS = Settings("synthetic", "none", DIM, top_k=2)
 
 
 def rows(ids: list[int], seed: int) -> CategoryRows:
-    features = np.random.default_rng(seed).standard_normal((len(ids), DIM)).astype(np.float32)
+    features = np.random.default_rng(seed).standard_normal((len(ids), DIM))
     return CategoryRows(
         np.array(ids, np.int64),
-        np.array([f"/photos/{'long/' * (i % 3)}{i}.jpg" for i in ids]),
         np.array([f"{i}-0123456789.jpg" for i in ids]),
-        features,
+        np.full(len(ids), 0.5, np.float32),
+        features.astype(np.float16),
     )
 
 
-def write_segment(path, category_rows: CategoryRows) -> None:
-    store._write_atomic(path, store._category_writer(category_rows))
-
-
-@pytest.mark.parametrize(
-    "n_old", [0, 1, store.FEATURE_BLOCK_ROWS, 2 * store.FEATURE_BLOCK_ROWS + 7]
-)
+@pytest.mark.parametrize("n_old", [0, 1, FEATURE_BLOCK_ROWS, 2 * FEATURE_BLOCK_ROWS + 7])
 def test_merging_keeps_committed_rows_in_segment_order(tmp_path, n_old):
     old = rows(list(range(n_old)), seed=1)
     added = rows([10_000 + i for i in range(3)], seed=2)
-    write_segment(tmp_path / "features.1-1.npz", old)
-    write_segment(tmp_path / "features.2-2.npz", added)
+    write_atomic(tmp_path / "features.1-1.npz", old.writer())
+    write_atomic(tmp_path / "features.2-2.npz", added.writer())
     committed = np.array([i for i in range(n_old) if i % 5 != 2] + [10_001], np.int64)
 
     sources = [tmp_path / "features.1-1.npz", tmp_path / "features.2-2.npz"]
     merged = tmp_path / "features.1-2.npz"
-    store._write_atomic(merged, store._merging_writer(sources, DIM, committed))
+    write_atomic(merged, merging_writer(sources, DIM, committed))
 
-    got = read_category_file(merged, DIM)
-    both = store.CategoryRows.concatenate([old, added], DIM)
+    got = read_segment(merged, DIM)
+    both = CategoryRows.concatenate([old, added], DIM)
     keep = np.isin(both.ids, committed)
-    np.testing.assert_array_equal(got.ids, both.ids[keep])
-    np.testing.assert_array_equal(got.paths, both.paths[keep])
-    np.testing.assert_array_equal(got.files, both.files[keep])
-    np.testing.assert_array_equal(got.features, both.features[keep])
+    for column in ("ids", "files", "probs", "features"):
+        np.testing.assert_array_equal(getattr(got, column), getattr(both, column)[keep])
     # Until the merged-away files are deleted, they are stale: never read twice.
-    live, stale = store.category_segments(tmp_path)
+    live, stale = segments(tmp_path)
     assert [seg.path for seg in live] == [merged]
     assert sorted(seg.path for seg in stale) == sources
 
@@ -75,30 +70,26 @@ def test_merging_keeps_committed_rows_in_segment_order(tmp_path, n_old):
 @pytest.mark.parametrize("damage", ["truncated", "corrupted in the middle"])
 def test_merging_a_damaged_file_names_it_and_the_fix(tmp_path, damage):
     path = tmp_path / "features.1-1.npz"
-    write_segment(path, rows(list(range(600)), seed=1))
+    write_atomic(path, rows(list(range(600)), seed=1).writer())
     data = bytearray(path.read_bytes())
     if damage == "truncated":
         del data[-3000:]
     else:
         data[len(data) // 2 : len(data) // 2 + 64] = bytes(64)
     path.write_bytes(bytes(data))
-    write = store._merging_writer([path], DIM, np.arange(600))
     with pytest.raises(DatabaseError, match="features.1-1.npz is damaged.*cbir check --repair"):
-        store._write_atomic(tmp_path / "features.1-2.npz", write)
+        write_atomic(tmp_path / "features.1-2.npz", merging_writer([path], DIM, np.arange(600)))
     assert len(path.read_bytes()) == len(data)  # left as it was
     assert not (tmp_path / "features.1-2.npz").exists()
 
 
-def test_merging_features_of_another_size_is_refused(tmp_path):
+def test_a_segment_of_another_feature_size_is_refused(tmp_path):
     path = tmp_path / "features.1-1.npz"
-    write_segment(path, rows([1, 2], seed=1))
-    write = store._merging_writer([path], DIM + 1, np.arange(3))
+    write_atomic(path, rows([1, 2], seed=1).writer())
+    with pytest.raises(DatabaseError, match="damaged"):
+        read_segment(path, DIM + 1)
     with pytest.raises(DatabaseError, match=r"shape \(2, 8\).*expected \(2, 9\)"):
-        store._write_atomic(tmp_path / "features.1-2.npz", write)
-
-
-WNIDS = ("n01440764", "n01443537")  # tench, goldfish: every synthetic image is in both
-SETTINGS = Settings("synthetic", "none", DIM, top_k=2)
+        write_atomic(tmp_path / "features.1-2.npz", merging_writer([path], DIM + 1, np.arange(3)))
 
 
 def new_images(folder: Path, start: int, n: int) -> list[NewImage]:
@@ -119,17 +110,24 @@ def new_images(folder: Path, start: int, n: int) -> list[NewImage]:
 READER = """
 import sys
 from pathlib import Path
-from cbir.store import Database
+from cbir.db import Database
 db, wnid, stop = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
-while not stop.exists():
+while True:
+    last = stop.exists()  # one more read after the writer has finished
     try:
-        print(len(Database.open(db).read_category(wnid)), flush=True)
+        with Database.open(db) as d:
+            ids, rows = d.catalog.rows_of_categories([wnid])
+            features = d.matrix().gather(rows)
+            assert len(set(ids.tolist())) == len(ids) == len(features)
+            print(len(features), flush=True)
     except Exception as exc:  # any error is the failure
         print("error:", repr(exc), flush=True)
+    if last:
+        break
 """
 
 
-def test_readers_are_not_disturbed_by_a_writer_merging_segments(tmp_path):
+def test_readers_are_not_disturbed_by_a_writer_appending_and_merging(tmp_path):
     db = tmp_path / "db"
     with open_writer(db, SETTINGS) as writer:
         writer.add_images(new_images(tmp_path / "src", 0, 5))
@@ -138,43 +136,64 @@ def test_readers_are_not_disturbed_by_a_writer_merging_segments(tmp_path):
                               stdout=subprocess.PIPE, text=True, cwd=REPO)  # fmt: skip
     try:
         with open_writer(db) as writer:
-            for chunk in range(1, 80):  # every commit adds a segment, most merge
+            for chunk in range(1, 80):  # every commit appends rows and a segment; most merge
                 writer.add_images(new_images(tmp_path / "src", 5 * chunk, 5))
     finally:
         stop.touch()
         out, _ = reader.communicate(timeout=60)
-    lines = out.split()
-    assert not [line for line in out.splitlines() if line.startswith("error")]
-    counts = [int(n) for n in lines]
+    assert not [line for line in out.splitlines() if line.startswith("error")], out[:2000]
+    counts = [int(n) for n in out.split()]
     assert len(set(counts)) > 5 and counts == sorted(counts)  # read while written; never a
     # row lost or doubled
-    assert counts[-1] == 400 and len(read_category_folder(db / category_folder(db), DIM)) == 400
+    folder = next(p for p in db.iterdir() if p.name.startswith(WNIDS[0]))
+    assert counts[-1] == 400 and len(read_folder(folder, DIM)) == 400
 
 
-def category_folder(db: Path) -> str:
-    return next(p.name for p in db.iterdir() if p.name.startswith(WNIDS[0]))
+def database_with_removals(tmp_path: Path, n: int, removed: range) -> tuple[Path, list[NewImage]]:
+    db = tmp_path / "db"
+    images = new_images(tmp_path / "src", 0, n)
+    with open_writer(db, SETTINGS) as writer:
+        writer.add_images(images)
+        writer.remove_paths(str(images[i].source_path) for i in removed)
+    return db, images
 
 
-class Crash(Exception):
-    pass
+def test_exhaustive_search_passes_over_rows_of_removed_images(tmp_path):
+    db, images = database_with_removals(tmp_path, 300, range(0, 200))
+    query = images[5].feature  # a removed image: its row is dead, never a result
+    live = images[200:]
+    expected_best, expected_scores = top_matches(
+        query, np.stack([i.feature for i in live]).astype(np.float16).astype(np.float32), 10, 3
+    )
+    with Database.open(db) as d:
+        assert d.matrix().n_rows == 300 and d.n_images() == 100  # below the compaction size
+        ids, scores = exhaustive(d, query, 10, 3)
+    assert ids.tolist() == [live[i].image_id for i in expected_best]
+    np.testing.assert_allclose(scores, expected_scores, atol=1e-6)
 
 
-def test_a_format_1_database_says_format_3_before_its_first_segment(tmp_path, monkeypatch):
-    """Its catalog.npz becomes catalog.sqlite and the manifest says 3 before anything new is
-    written: an older cbir must refuse the database from then on, not miss the new files."""
+def test_the_matrix_is_compacted_once_dead_rows_outnumber_live_ones(tmp_path, monkeypatch):
+    monkeypatch.setattr(writer_module, "MIN_DEAD_ROWS", 10)
+    db, images = database_with_removals(tmp_path, 60, range(0, 40))
+    assert [p.name for p in db.glob("matrix-*.f16")] == ["matrix-2.f16"]
+    with Database.open(db) as d:
+        assert d.matrix().n_rows == 20
+        for image in images[40:]:
+            record = d.image(image.image_id)
+            np.testing.assert_allclose(d.matrix().gather(np.array([record.row]))[0],
+                                       image.feature, atol=1e-3)  # fmt: skip
+    from cbir.db import check_database
+
+    assert check_database(db) == []
+
+
+def test_a_database_of_another_format_is_refused_with_the_fix(tmp_path):
     db = tmp_path / "db"
     with open_writer(db, SETTINGS) as writer:
-        writer.add_images(new_images(tmp_path / "src", 0, 3))
-    to_format_1(db)
-    assert len(Database.open(db).catalog.images) == 3  # read as it is
-
-    def crash(*args: object) -> None:
-        raise Crash
-
-    monkeypatch.setattr(CatalogDB, "commit", crash)  # killed at the commit point
-    with pytest.raises(Crash), open_writer(db) as writer:
-        writer.add_images(new_images(tmp_path / "src", 3, 1))
-    assert any(p.name != store.FEATURES_NAME for p in db.glob("n*/features.*.npz"))
-    assert json.loads((db / MANIFEST_NAME).read_text())["format_version"] == 3
-    assert not (db / store.LEGACY_CATALOG_NAME).exists()
-    assert len(Database.open(db).catalog.images) == 3
+        writer.add_images(new_images(tmp_path / "src", 0, 2))
+    manifest = json.loads((db / MANIFEST_NAME).read_text())
+    (db / MANIFEST_NAME).write_text(json.dumps({**manifest, "format_version": 3}))
+    with pytest.raises(DatabaseError, match="format 3.*rebuild it with 'cbir create-db"):
+        Database.open(db)
+    with pytest.raises(DatabaseError, match="format 3"), open_writer(db):
+        pass
