@@ -179,7 +179,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--all",
         action="store_true",
         dest="search_all",
-        help="search every category, not only the predicted ones",
+        help="search every category, not only the predicted ones (approximate, through the "
+        "database's inverted file, once it holds 200,000 images)",
+    )
+    p.add_argument(
+        "--exact",
+        action="store_true",
+        help="with --all: compare every image even where an inverted file makes it approximate",
     )
     search_options(p)
     model_options(p)
@@ -343,7 +349,7 @@ def cmd_query(args: argparse.Namespace) -> int:
     options = QueryOptions(
         n_results=args.n_results, search_all=args.search_all,
         min_candidates=args.min_candidates, engine=args.engine, precision=args.precision,
-        query_expansion=max(0, args.query_expansion),
+        query_expansion=max(0, args.query_expansion), exact=args.exact,
     )  # fmt: skip
     db, model = open_for_query(args.db_dir, options, args.model, args.weights)
     outcomes = run_queries(db, model, args.images, options)
@@ -372,6 +378,7 @@ def _result_json(result) -> dict:  # noqa: ANN001
                        for c in result.categories],
         "searched_categories": list(result.gating.wnids),
         "searched": result.n_searched,
+        "search": result.method,
         "results": [{"path": h.path, "score": round(h.score, 6), "id": h.image_id,
                      "categories": list(h.wnids), "paths": list(h.paths)}
                     for h in result.hits],

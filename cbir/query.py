@@ -13,7 +13,7 @@ import numpy as np
 import numpy.typing as npt
 
 from cbir import categories
-from cbir.db import Database, check_compatible
+from cbir.db import Database, check_compatible, ivf
 from cbir.db.database import CategoryMembers
 from cbir.errors import BadImage, CbirError
 from cbir.features import expand_query
@@ -53,6 +53,7 @@ class QueryResult:
     gating: Gating
     n_searched: int  # rows compared
     hits: tuple[Hit, ...]
+    method: str = "gated"  # "gated" (its categories), "exact" (every row) or "ivf" (--all, ANN)
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,8 @@ class QueryOptions:
     query_expansion: int = DEFAULT_QUERY_EXPANSION
     engine: str = "auto"
     precision: str = "auto"
+    exact: bool = False  # --all compares every row even where the database has an IVF
+    nprobe: int | None = None  # IVF lists an approximate --all searches (None: the default)
 
 
 def open_for_query(
@@ -118,18 +121,30 @@ def search(
     names = categories.names_by_wnid()
     top = np.argsort(-probs)[: db.settings.top_k]
     own = tuple(Category(wnids[j], names[wnids[j]], float(probs[j])) for j in top)
+    method = "gated"
     if options.search_all:
         gating = Gating(tuple(sorted(members)), fell_back=False, widened=False)
-        ids, scores = exhaustive(db, feature, options.n_results, options.query_expansion)
-        n_searched = db.n_images()
+        centroids = None if options.exact else db.ivf()
+        if centroids is not None:
+            method = "ivf"
+            nprobe = options.nprobe or max(1, round(len(centroids) * ivf.DEFAULT_PROBE_SHARE))
+            lists = ivf.nearest_lists(centroids, feature[None, :], nprobe)[0]
+            candidates, rows = db.catalog.rows_of_lists(lists.tolist())
+            best, scores = top_matches(feature, db.matrix().gather(rows), options.n_results,
+                                       options.query_expansion)  # fmt: skip
+            ids, n_searched = candidates[best], len(rows)
+        else:
+            method = "exact"
+            ids, scores = exhaustive(db, feature, options.n_results, options.query_expansion)
+            n_searched = db.n_images()
     else:
         gating = choose_categories(probs, wnids, members, db.settings.top_k,
-                                   options.min_candidates)  # fmt: skip
+                                   options.min_candidates, members.sizes)  # fmt: skip
         candidates, rows = db.catalog.rows_of_categories(gating.wnids)
         features = db.matrix().gather(rows)
         best, scores = top_matches(feature, features, options.n_results, options.query_expansion)
         ids, n_searched = candidates[best], len(rows)
-    return QueryResult(path, own, gating, n_searched, tuple(hits(db, ids, scores)))
+    return QueryResult(path, own, gating, n_searched, tuple(hits(db, ids, scores)), method)
 
 
 def hits(db: Database, ids: npt.NDArray[np.int64], scores: npt.NDArray[np.float32]) -> list[Hit]:

@@ -46,3 +46,15 @@ def test_falls_back_to_the_most_probable_categories_the_database_has():
     gating = choose_categories(probs, ["x", "y", "z"], {"z": np.array([5])}, top_k=2,
                                min_candidates=0)  # fmt: skip
     assert gating.wnids == ("z",) and gating.fell_back
+
+
+def test_a_category_as_large_as_the_budget_needs_no_member_counting():
+    class Unread(dict):
+        def __getitem__(self, wnid):
+            raise AssertionError(f"members of {wnid} were read")
+
+    probs = np.array([0.6, 0.4], np.float32)
+    members = Unread(a=None, b=None)
+    gating = choose_categories(probs, ["a", "b"], members, top_k=1, min_candidates=1000,
+                               sizes={"a": 1000, "b": 5})  # fmt: skip
+    assert gating.wnids == ("a",) and not gating.widened

@@ -197,3 +197,47 @@ def test_a_database_of_another_format_is_refused_with_the_fix(tmp_path):
         Database.open(db)
     with pytest.raises(DatabaseError, match="format 3"), open_writer(db):
         pass
+
+
+def clustered_images(folder: Path, n: int, centres: np.ndarray, seed: int) -> list[NewImage]:
+    """n images whose features lie around `centres` (c, DIM), as real features cluster."""
+    rng = np.random.default_rng(seed)
+    images = new_images(folder, seed * 100_000, n)
+    for i, image in enumerate(images):
+        feature = centres[i % len(centres)] + 0.15 * rng.standard_normal(DIM)
+        object.__setattr__(image, "feature", (feature / np.linalg.norm(feature)).astype(np.float32))
+    return images
+
+
+def test_an_inverted_file_is_trained_at_size_and_answers_all_queries(tmp_path, monkeypatch):
+    from cbir.db import check_database, ivf
+    from cbir.db.database import CategoryMembers
+    from cbir.query import QueryOptions, search
+
+    monkeypatch.setattr(ivf, "IVF_MIN_IMAGES", 300)
+    centres = np.random.default_rng(0).standard_normal((8, DIM))
+    db = tmp_path / "db"
+    with open_writer(db, SETTINGS) as writer:
+        writer.add_images(clustered_images(tmp_path / "src", 250, centres, seed=1))
+        assert writer.catalog.ivf_state() == (0, 0)  # too small yet
+        writer.add_images(clustered_images(tmp_path / "src", 100, centres, seed=2))
+        assert writer.catalog.ivf_state() == (1, 350)  # trained on crossing 300
+        later = clustered_images(tmp_path / "src", 20, centres, seed=3)
+        writer.add_images(later)  # assigned to lists at their commit
+        assert writer.catalog.unlisted(ivf.n_lists_for(350)) == 0
+    assert [p.name for p in db.glob("ivf-*.npz")] == ["ivf-1.npz"]
+    assert check_database(db) == []
+    probs = np.zeros(1000, np.float32)
+    with Database.open(db) as d:
+        members = CategoryMembers(d)
+        for image in later[:5]:
+            approximate = search(d, image.source_path, probs, image.feature, members,
+                                 QueryOptions(n_results=5, search_all=True))  # fmt: skip
+            exact = search(d, image.source_path, probs, image.feature, members,
+                           QueryOptions(n_results=5, search_all=True, exact=True))  # fmt: skip
+            assert approximate.method == "ivf" and exact.method == "exact"
+            assert approximate.hits[0].image_id == exact.hits[0].image_id == image.image_id
+            assert approximate.n_searched < exact.n_searched == 370
+    (db / "ivf-1.npz").unlink()  # check names it; repair trains it again
+    assert any("ivf-1.npz is missing" in p for p in check_database(db))
+    assert check_database(db, repair=True) and check_database(db) == []

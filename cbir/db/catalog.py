@@ -36,8 +36,10 @@ CREATE TABLE images (
     stored_name TEXT NOT NULL,  -- name of its copies in its category folders
     wnids TEXT NOT NULL,        -- its categories, most probable first, space-separated
     probs BLOB NOT NULL,        -- their probabilities, little-endian float32
-    row INTEGER NOT NULL UNIQUE -- its row of the search matrix
+    row INTEGER NOT NULL UNIQUE, -- its row of the search matrix
+    list INTEGER                -- its inverted list (cbir.db.ivf), NULL before one is trained
 );
+CREATE INDEX images_by_list ON images (list, row, id);
 CREATE TABLE placements (       -- image_id is stored in category wnid
     wnid TEXT NOT NULL, image_id INTEGER NOT NULL, PRIMARY KEY (wnid, image_id)
 ) WITHOUT ROWID;
@@ -50,8 +52,9 @@ CREATE TABLE paths (            -- source files; path is os.fsencode(str path)
 ) WITHOUT ROWID;
 CREATE INDEX paths_by_image ON paths (image_id);
 CREATE TABLE meta (             -- matrix_generation: the matrix file in use (it is named
-    key TEXT PRIMARY KEY,       -- after it); matrix_rows: how many of its rows are committed
-    value INTEGER NOT NULL
+    key TEXT PRIMARY KEY,       -- after it); matrix_rows: how many of its rows are committed;
+    value INTEGER NOT NULL      -- ivf_generation: the IVF file in use (0: none); ivf_trained:
+                                -- images the database held when it was trained
 ) WITHOUT ROWID;
 """
 _IN_CHUNK = 500  # values per "IN (...)" query, below SQLite's limit on parameters
@@ -69,6 +72,7 @@ class ImageRecord:
     wnids: tuple[str, ...]  # known ImageNet wnids (checked), most probable first
     probs: tuple[float, ...]  # their probabilities
     row: int  # its row of the search matrix
+    ivf_list: int | None = None  # its inverted list (written by the writer, not read back)
 
 
 @dataclass(frozen=True)
@@ -128,7 +132,8 @@ class Catalog:
             path.unlink()
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         conn.executescript(_SCHEMA + f"PRAGMA user_version = {SCHEMA_VERSION};")
-        conn.execute("INSERT INTO meta VALUES ('matrix_rows', 0), ('matrix_generation', 1)")
+        conn.execute("INSERT INTO meta VALUES ('matrix_rows', 0), ('matrix_generation', 1), "
+                     "('ivf_generation', 0), ('ivf_trained', 0)")
         return cls(path, conn)
 
     def close(self) -> None:
@@ -169,6 +174,39 @@ class Catalog:
         if not isinstance(gen, int) or not isinstance(n, int) or gen < 1 or n < 0:
             raise damaged(self.path, "no valid matrix state")
         return gen, n
+
+    def ivf_state(self) -> tuple[int, int]:
+        """(generation of the IVF file in use, 0 when there is none; images when trained)."""
+        meta = dict(self._rows("SELECT key, value FROM meta"))
+        gen, trained = meta.get("ivf_generation", 0), meta.get("ivf_trained", 0)
+        if not isinstance(gen, int) or not isinstance(trained, int) or gen < 0:
+            raise damaged(self.path, "no valid IVF state")
+        return gen, trained
+
+    def rows_of_lists(self, lists: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """(ids (r,), rows (r,)) int64 of the images in inverted lists `lists`, in row order."""
+        pairs: list[tuple[int, int]] = []
+        for start in range(0, len(lists), _IN_CHUNK):
+            chunk = [int(x) for x in lists[start : start + _IN_CHUNK]]
+            marks = ",".join("?" * len(chunk))
+            pairs += self._rows(f"SELECT id, row FROM images WHERE list IN ({marks})", chunk)
+        array = np.array(pairs, np.int64).reshape(len(pairs), 2)
+        order = np.argsort(array[:, 1], kind="stable")
+        return array[order, 0], array[order, 1]
+
+    def unlisted(self, n_lists: int) -> int:
+        """Images without a valid inverted list (there should be none while one is in use)."""
+        return int(self._one("SELECT count(*) FROM images WHERE list IS NULL OR list < 0 "
+                             "OR list >= ?", (n_lists,)))  # type: ignore[arg-type]  # fmt: skip
+
+    def set_lists(self, rows: Iterable[tuple[int, int]], generation: int, trained: int) -> None:
+        """(row, list) of every image, and the IVF generation they belong to, in one commit."""
+        with self.transaction() as conn:
+            conn.execute("UPDATE images SET list = NULL")
+            conn.executemany("UPDATE images SET list = ? WHERE row = ?",
+                             ((lst, row) for row, lst in rows))  # fmt: skip
+            conn.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                             (("ivf_generation", generation), ("ivf_trained", trained)))
 
     def has_image(self, image_id: int) -> bool:
         return self._one("SELECT 1 FROM images WHERE id = ?", (image_id,)) is not None
@@ -352,9 +390,9 @@ def insert(
     inserted, and the ids of the images that set paths pointed at before."""
     new = _not_held(conn, list(images))
     conn.executemany(
-        "INSERT INTO images VALUES (?, ?, ?, ?, ?, ?)",
+        "INSERT INTO images VALUES (?, ?, ?, ?, ?, ?, ?)",
         ((r.image_id, r.sha256, r.stored_name, " ".join(r.wnids),
-          np.asarray(r.probs, "<f4").tobytes(), r.row) for r in new),
+          np.asarray(r.probs, "<f4").tobytes(), r.row, r.ivf_list) for r in new),
     )  # fmt: skip
     placements = [(w, r.image_id) for r in new for w in r.wnids]
     conn.executemany("INSERT INTO placements VALUES (?, ?)", placements)

@@ -22,6 +22,7 @@ import numpy as np
 import numpy.typing as npt
 
 from cbir import categories
+from cbir.db import ivf
 from cbir.db.catalog import CATALOG_NAME, Catalog, ImageRecord, insert
 from cbir.db.category_files import (
     CategoryRows,
@@ -92,12 +93,16 @@ class _Checker:
             if name.startswith(".tmp-") or (
                 generation_of(name) is not None
                 and generation_of(name) != db.catalog.matrix_state()[0]
+            ) or (
+                ivf.generation_of(name) is not None
+                and ivf.generation_of(name) != db.catalog.ivf_state()[0]
             ):
                 self.leftover(db.db_dir / name)
         matrix_ok = self._check_matrix()
         if not matrix_ok and self.w is not None:
             self._rebuild_matrix()
             matrix_ok = True
+        self._check_ivf()
         lost: set[int] = set()
         for wnid in sorted(set(db.category_sizes()) | set(self._folders_on_disk())):
             lost |= self._check_category(wnid, matrix_ok)
@@ -132,6 +137,23 @@ class _Checker:
                      "rebuilt from the category files")  # fmt: skip
             return False
         return True
+
+    def _check_ivf(self) -> None:
+        """The inverted file in use is readable and lists every image."""
+        generation, _ = self.db.catalog.ivf_state()
+        if generation == 0:
+            return
+        try:
+            centroids = self.db.ivf()
+            assert centroids is not None
+            unlisted = self.db.catalog.unlisted(len(centroids))
+            if not unlisted:
+                return
+            self.say(f"{unlisted} images are in no list of the inverted file", "retrained")
+        except DatabaseError as exc:
+            self.say(_first_part(exc), "retrained")
+        if self.w is not None:
+            self.w.train_ivf()
 
     def _rebuild_matrix(self) -> None:
         """Every image's feature from the first category file that holds it, in id order of

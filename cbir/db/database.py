@@ -15,6 +15,7 @@ import numpy as np
 import numpy.typing as npt
 
 from cbir import categories
+from cbir.db import ivf
 from cbir.db.catalog import CATALOG_NAME, Catalog, ImageRecord, PathRecord
 from cbir.db.manifest import Manifest, Settings, read_manifest
 from cbir.db.matrix import SearchMatrix, matrix_name
@@ -31,6 +32,7 @@ class Database:
         self.manifest = manifest
         self._catalog: Catalog | None = None
         self._matrix: SearchMatrix | None = None
+        self._ivf: tuple[int, npt.NDArray[np.float32]] | None = None  # (generation, centroids)
 
     @classmethod
     def open(cls, db_dir: Path) -> Database:
@@ -81,6 +83,19 @@ class Database:
             self._matrix = opened
             return opened
         raise DatabaseError(f"the search matrix of {self.db_dir} kept changing; try again")
+
+    def ivf(self) -> npt.NDArray[np.float32] | None:
+        """The inverted file's centroids (n_lists, d), or None while the database has none."""
+        generation, _ = self.catalog.ivf_state()
+        if generation == 0:
+            return None
+        if self._ivf is None or self._ivf[0] != generation:
+            path = self.db_dir / ivf.ivf_name(generation)
+            try:
+                self._ivf = generation, ivf.read_centroids(path, self.settings.feature_dim)
+            except FileNotFoundError:
+                raise DatabaseError(f"{path} is missing; run 'cbir check --repair'") from None
+        return self._ivf[1]
 
     # -- what a query needs -----------------------------------------------------------------
 
@@ -139,21 +154,22 @@ class CategoryMembers(Mapping[str, npt.NDArray[np.int64]]):
     read from the catalog when first asked for: a query needs a few categories, not all."""
 
     def __init__(self, db: Database) -> None:
-        self._db, self._sizes = db, db.category_sizes()
+        self._db = db
+        self.sizes = db.category_sizes()  # wnid -> how many images, read once
         self._members: dict[str, npt.NDArray[np.int64]] = {}
 
     def __getitem__(self, wnid: str) -> npt.NDArray[np.int64]:
-        if wnid not in self._sizes:
+        if wnid not in self.sizes:
             raise KeyError(wnid)
         if wnid not in self._members:
             self._members[wnid] = self._db.members(wnid)
         return self._members[wnid]
 
     def __contains__(self, wnid: object) -> bool:
-        return wnid in self._sizes
+        return wnid in self.sizes
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._sizes)
+        return iter(self.sizes)
 
     def __len__(self) -> int:
-        return len(self._sizes)
+        return len(self.sizes)

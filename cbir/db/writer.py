@@ -28,6 +28,7 @@ import numpy as np
 import numpy.typing as npt
 
 from cbir import categories
+from cbir.db import ivf
 from cbir.db.catalog import CATALOG_NAME, Catalog, ImageRecord, PathRecord
 from cbir.db.category_files import (
     CategoryRows,
@@ -164,6 +165,10 @@ class Writer:
         features = np.stack([i.feature for i in placed]).astype(np.float32).reshape(-1, dim)
         first_row = self._matrix_appender().append(features)
         rows = {img.image_id: first_row + n for n, img in enumerate(placed)}
+        centroids = self.db.ivf()
+        lists: list[int | None] = [None] * len(placed)
+        if centroids is not None:
+            lists = ivf.assign(centroids, features).tolist()
         by_wnid: dict[str, list[int]] = {}
         for n, img in enumerate(placed):
             for wnid in img.wnids:
@@ -185,12 +190,49 @@ class Writer:
         write_many_atomic(new_segments())  # its first sync also makes copies and rows durable
         self._commit(
             images=[ImageRecord(i.image_id, i.sha256, stored_name(i.source_path, i.sha256),
-                                i.wnids, i.probs, rows[i.image_id]) for i in placed],
+                                i.wnids, i.probs, rows[i.image_id], lst)
+                    for i, lst in zip(placed, lists, strict=True)],
             paths=[(str(i.source_path), PathRecord(i.image_id, i.size, i.mtime_ns))
                    for i in placed],
             matrix_rows=self._matrix_appender().next_row,
         )  # fmt: skip
         self._merge_segments(sorted(by_wnid))
+        self.train_ivf_if_due()
+
+    def train_ivf_if_due(self) -> None:
+        """Train the inverted file once the database is large enough for it, and again when
+        it has grown RETRAIN_GROWTH-fold since (rare: the cost is amortised over the adds)."""
+        generation, trained = self.catalog.ivf_state()
+        n = self.n_images()
+        if n >= ivf.IVF_MIN_IMAGES and (generation == 0 or n >= ivf.RETRAIN_GROWTH * trained):
+            self.train_ivf()
+
+    def train_ivf(self, seed: int = 1234) -> None:
+        """k-means on a sample of the live rows, the centroids written as the next IVF
+        generation, then every image's list set with that generation in one transaction."""
+        generation, _ = self.catalog.ivf_state()
+        ids, rows = self.catalog.all_rows()
+        matrix = self.db.matrix()
+        n_lists = ivf.n_lists_for(len(rows))
+        rng = np.random.default_rng(seed)
+        sample_size = min(len(rows), n_lists * ivf.TRAIN_POINTS_PER_LIST)
+        sample = np.sort(rng.choice(rows, sample_size, replace=False))
+        centroids = ivf.train(matrix.gather(sample), n_lists, seed)
+        ivf.write_centroids(self.db_dir / ivf.ivf_name(generation + 1), centroids)
+        lists = np.empty(len(rows), np.int64)
+        block = 16384
+        for start in range(0, len(rows), block):
+            part = rows[start : start + block]
+            lists[start : start + block] = ivf.assign(centroids, matrix.gather(part))
+        self.catalog.set_lists(zip(rows.tolist(), lists.tolist(), strict=True), generation + 1,
+                               len(rows))  # fmt: skip
+        self._delete_other_ivfs(generation + 1)
+
+    def _delete_other_ivfs(self, current: int) -> None:
+        for name in os.listdir(self.db_dir):
+            gen = ivf.generation_of(name)
+            if gen is not None and gen != current:
+                (self.db_dir / name).unlink()
 
     def _matrix_appender(self) -> MatrixAppender:
         if self._appender is None:
@@ -384,6 +426,7 @@ class Writer:
                 (self.db_dir / name).unlink()
         generation, committed = self.catalog.matrix_state()
         self._delete_other_matrices(generation)
+        self._delete_other_ivfs(self.catalog.ivf_state()[0])
         if os.path.lexists(self.db_dir / matrix_name(generation)):
             self._matrix_appender()  # truncates rows past the committed ones
         elif committed == 0:
@@ -498,7 +541,8 @@ def _refuse_foreign_folder(db_dir: Path) -> None:
     if not db_dir.is_dir():
         raise DatabaseError(f"{db_dir} is a file, not a folder for a database")
     others = [n for n in os.listdir(db_dir)
-              if n not in OWN_FILES and not n.startswith(".tmp-") and generation_of(n) is None]
+              if n not in OWN_FILES and not n.startswith(".tmp-") and generation_of(n) is None
+              and ivf.generation_of(n) is None]  # fmt: skip
     if others:
         raise DatabaseError(f"{db_dir} is a folder of other files ({others[0]}, ...), not a cbir "
                             "database: give a new or empty folder")  # fmt: skip
