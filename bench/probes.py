@@ -52,10 +52,9 @@ def create_db(cbir_args: list[str]) -> dict[str, object]:
 def query(db_dir: Path, image: Path) -> dict[str, object]:
     """The steps of `cbir query DB IMAGE` (cbir.query.run_queries), each timed on its own."""
     t0 = time.perf_counter()
-    from cbir import categories
+    from cbir.db.database import CategoryMembers
     from cbir.images import load_image
-    from cbir.query import QueryOptions, open_for_query
-    from cbir.search import choose_categories, top_matches
+    from cbir.query import QueryOptions, open_for_query, search
 
     t1 = time.perf_counter()
     options = QueryOptions()
@@ -65,13 +64,8 @@ def query(db_dir: Path, image: Path) -> dict[str, object]:
     t3 = time.perf_counter()
     described = model.describe(pixels[None])
     t4 = time.perf_counter()
-    members = db.category_members()
-    gating = choose_categories(
-        described.probs[0], categories.wnids(), members, db.settings.top_k, options.min_candidates
-    )
-    rows = db.read_categories(gating.wnids, members)
     feature = described.features[db.settings.pooling][0]
-    top_matches(feature, rows.features, options.n_results, options.query_expansion)
+    result = search(db, image, described.probs[0], feature, CategoryMembers(db), options)
     t5 = time.perf_counter()
     return {
         "started": STARTED,
@@ -83,7 +77,7 @@ def query(db_dir: Path, image: Path) -> dict[str, object]:
         "decode_s": t3 - t2,
         "forward_s": t4 - t3,
         "search_s": t5 - t4,
-        "rows_searched": len(rows),
+        "rows_searched": result.n_searched,
         "total_s": t5 - t0,
     }
 

@@ -29,6 +29,7 @@ from cbir.model import Model, get_backbone, load_model, resolve_weights
 DEFAULT_BATCH_SIZE = 8  # fastest or within 5 % of it for every engine and backbone (bench/)
 COMMIT_EVERY_IMAGES = 1024
 COMMIT_EVERY_SECONDS = 60.0
+RECORD_EVERY_COMMITS = 16  # commits between writes of the category files (cbir.db.writer)
 
 
 @dataclass(frozen=True)
@@ -141,6 +142,7 @@ def index_paths(
     db_abs = _absolute(db_dir)
     with open_writer(db_dir, settings, options.wait, callbacks.on_wait) as writer:
         _refuse_other_settings(writer, options, spec.identity)
+        writer.record_every = RECORD_EVERY_COMMITS * options.commit_every
         todo: list[_Found] = []  # plain tuples: a run may find millions of files
         for item in find_images([_absolute(s) for s in sources], exclude=db_abs):
             if isinstance(item, BadImage):

@@ -29,8 +29,8 @@ OPTIONS = [
     "--batch-size",
     "8",
     "--commit-every",
-    "8",
-]  # fmt: skip  (37 photos -> 5 commits)
+    "1",
+]  # fmt: skip  (37 photos -> 5 commits of a batch each; category files written 3 times)
 
 
 def db_state(db_dir: Path) -> tuple[dict, dict]:
@@ -100,7 +100,9 @@ def test_killed_run_leaves_a_working_database_that_a_rerun_completes(
 
     # In between: the database opens, and a query answers from what was committed.
     committed = Database.open(db).n_images()
-    assert committed < 37
+    # Category files are written after their images' commits (every 16 commits and at the
+    # end of a run): a kill while writing or merging them can come after the last commit.
+    assert committed < 37 or point in ("features", "merge")
     chelsea = photos_dir / "animals" / "chelsea.jpg"
     assert main(["query", str(db), str(chelsea), "--json", "--precision", "fp32"]) == 0
     result = json.loads(capsys.readouterr().out)

@@ -54,7 +54,9 @@ CREATE INDEX paths_by_image ON paths (image_id);
 CREATE TABLE meta (             -- matrix_generation: the matrix file in use (it is named
     key TEXT PRIMARY KEY,       -- after it); matrix_rows: how many of its rows are committed;
     value INTEGER NOT NULL      -- ivf_generation: the IVF file in use (0: none); ivf_trained:
-                                -- images the database held when it was trained
+                                -- images the database held when it was trained;
+                                -- recorded_rows: images of rows below it are in their
+                                -- category files (those above are written in batches)
 ) WITHOUT ROWID;
 """
 _IN_CHUNK = 500  # values per "IN (...)" query, below SQLite's limit on parameters
@@ -133,7 +135,7 @@ class Catalog:
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         conn.executescript(_SCHEMA + f"PRAGMA user_version = {SCHEMA_VERSION};")
         conn.execute("INSERT INTO meta VALUES ('matrix_rows', 0), ('matrix_generation', 1), "
-                     "('ivf_generation', 0), ('ivf_trained', 0)")
+                     "('ivf_generation', 0), ('ivf_trained', 0), ('recorded_rows', 0)")
         return cls(path, conn)
 
     def close(self) -> None:
@@ -207,6 +209,23 @@ class Catalog:
                              ((lst, row) for row, lst in rows))  # fmt: skip
             conn.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
                              (("ivf_generation", generation), ("ivf_trained", trained)))
+
+    def recorded_rows(self) -> int:
+        """Images whose matrix row is below this are in their category files."""
+        n = dict(self._rows("SELECT key, value FROM meta")).get("recorded_rows")
+        if not isinstance(n, int) or n < 0:
+            raise damaged(self.path, "no valid recorded_rows")
+        return n
+
+    def set_recorded_rows(self, n: int) -> None:
+        with self.transaction() as conn:
+            conn.execute("INSERT OR REPLACE INTO meta VALUES ('recorded_rows', ?)", (n,))
+
+    def images_from_row(self, start: int) -> list[ImageRecord]:
+        """The images whose matrix row is `start` or later, in row order."""
+        rows = self._rows("SELECT id, sha256, stored_name, wnids, probs, row FROM images "
+                          "WHERE row >= ? ORDER BY row", (start,))  # fmt: skip
+        return [self._record(r) for r in rows]
 
     def has_image(self, image_id: int) -> bool:
         return self._one("SELECT 1 FROM images WHERE id = ?", (image_id,)) is not None
@@ -365,8 +384,8 @@ class Catalog:
             if left:
                 raise DatabaseError(f"{left} images were given no row of the new matrix")
             set_matrix_rows(conn, matrix_rows)
-            conn.execute("INSERT OR REPLACE INTO meta VALUES ('matrix_generation', ?)",
-                         (generation,))
+            conn.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                             (("matrix_generation", generation), ("recorded_rows", matrix_rows)))
 
     def drop_images(self, ids: Iterable[int]) -> Committed:
         """Forget images and their paths (check --repair: nothing is left to rebuild them)."""

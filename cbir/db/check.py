@@ -66,6 +66,7 @@ class _Checker:
         self.dim = db.settings.feature_dim
         self.interrupted = (db.db_dir / WRITING_NAME).exists()
         self.quiet = False
+        self.recorded = 0  # images of matrix rows below this are expected in category files
 
     def say(self, what: str, fix: str = "") -> None:
         if not self.quiet:
@@ -102,6 +103,14 @@ class _Checker:
         if not matrix_ok and self.w is not None:
             self._rebuild_matrix()
             matrix_ok = True
+        self.recorded = db.catalog.recorded_rows()
+        unrecorded = len(db.catalog.images_from_row(self.recorded))
+        if unrecorded:
+            self.say(f"{unrecorded} committed images are not in their category files yet (a run "
+                     "was interrupted; its next write completes them)", "written")  # fmt: skip
+            if self.w is not None and matrix_ok:
+                self.w.record_categories(after_crash=True)
+                self.recorded = db.catalog.recorded_rows()
         self._check_ivf()
         lost: set[int] = set()
         for wnid in sorted(set(db.category_sizes()) | set(self._folders_on_disk())):
@@ -209,12 +218,13 @@ class _Checker:
         folder = db.category_dir(wnid)
         records = db.catalog.images_in(wnid)
         by_id = {r.image_id: r for r in records}
+        expected = {r.image_id for r in records if r.row < self.recorded}
         rows = None
         rewrite = False
         try:
             rows = read_folder(folder, self.dim)
         except FileNotFoundError:
-            if records:
+            if expected:
                 self.say(f"{folder} has no features file", "rebuilt from the search matrix")
                 rewrite = True
         except DatabaseError as exc:
@@ -227,7 +237,7 @@ class _Checker:
                 self.say(f"{folder} has {strays} feature rows of images the catalog does not "
                          "list there (an interrupted write)", "removed")  # fmt: skip
                 rewrite = True
-            missing = set(by_id) - set(rows.ids.tolist())
+            missing = expected - set(rows.ids.tolist())
             if missing:
                 self.say(f"{folder} lacks the feature rows of {len(missing)} images",
                          "restored from the search matrix")  # fmt: skip
