@@ -10,8 +10,8 @@ For the 37-photo test database and the 60,000 Fashion-MNIST training images (bot
 latency of a second query in one process. The baseline is one gated query on the 37-photo
 database, measured in the same run; the targets are ratios to it.
 
-`--synthetic N` also writes N rows through the real writer (cbir.db.open_writer, symlinked
-copies of one file, commits of 16384 images, timed commits of 1024 at the start and the end),
+`--synthetic N` also writes N rows through the real writer (cbir.db.open_writer, hard-linked
+copies of a few files, commits of 16384 images, timed commits of 1024 at the start and the end),
 with features made from the 60k database's real ones (each a real feature plus noise, so they
 cluster as real features do) and 4 categories drawn uniformly from the 1000 classes. It then
 times, in one process, gated and `--all` queries (approximate through the inverted file, and
@@ -145,8 +145,13 @@ def second_query(db_dir: Path, images: list[Path]) -> None:
 # -- synthetic rows at library size ------------------------------------------------------------
 
 
-def build_synthetic(db_dir: Path, n: int, real_db: Path, record: Path) -> None:
-    """Child: n synthetic images written through the real writer; commit times to `record`."""
+def build_synthetic(
+    db_dir: Path, n: int, real_db: Path, record: Path, commit_size: int = 16384,
+    remove_after: bool = False, first: int = 0,
+) -> None:
+    """Child: n synthetic images written through the real writer in commits of `commit_size`;
+    each commit's time to `record`. Images are numbered from `first` (their content and
+    source path follow from it); with `remove_after` they are removed again at the end."""
     from cbir import categories
     from cbir.db import Database, NewImage, Settings, open_writer
 
@@ -155,8 +160,20 @@ def build_synthetic(db_dir: Path, n: int, real_db: Path, record: Path) -> None:
     dim = real_features.shape[1]
     rng = np.random.default_rng(7)
     wnids = categories.wnids()
-    source = db_dir.parent / "synthetic-source.jpg"
-    source.write_bytes(b"one file behind every synthetic image's symbolic links")
+    sources = db_dir.parent / "synthetic-sources"
+    sources.mkdir(exist_ok=True)
+
+    def source_of(i: int) -> Path:
+        """Image i's own source path: a hard link to one file of every 12000 images (each
+        has 5 links: its source and 4 category copies; ext4 allows 65000 per inode)."""
+        shared = sources / f"{i // 12000}.jpg"
+        if not shared.exists():
+            shared.write_bytes(b"one file behind 12000 synthetic images' hard links")
+        path = source_of_path(sources, i)
+        path.parent.mkdir(exist_ok=True)
+        if not path.exists():
+            os.link(shared, path)
+        return path
 
     def chunk(start: int, size: int) -> list[NewImage]:
         base = real_features[np.arange(start, start + size) % len(real_features)]
@@ -168,27 +185,33 @@ def build_synthetic(db_dir: Path, n: int, real_db: Path, record: Path) -> None:
             sha = hashlib.sha256(b"synthetic %d" % (start + i)).hexdigest()
             picked = rng.choice(1000, 4, replace=False)
             probs = np.sort(rng.dirichlet(np.ones(8))[:4])[::-1]
-            images.append(NewImage(source, sha, 1, 1, tuple(wnids[j] for j in picked),
+            images.append(NewImage(source_of(start + i), sha, 1, 1, tuple(wnids[j] for j in picked),
                                    tuple(float(p) for p in probs), features[i]))  # fmt: skip
         return images
 
-    settings = Settings("synthetic", "none", dim, top_k=4, link="symlink")
+    settings = Settings("synthetic", "none", dim, top_k=4, link="hardlink")
     commits: list[dict[str, float]] = []
-    done = 0
+    done = first
     with open_writer(db_dir, settings) as writer:
-        plan = [1024] * 10
-        while done + sum(plan) + 10 * 1024 < n:
-            plan.append(min(16384, n - done - sum(plan) - 10 * 1024))
-        plan += [1024] * 10
-        for size in plan:
+        while done < first + n:
+            size = min(commit_size, first + n - done)
             images = chunk(done, size)
+            trained = writer.catalog.ivf_state()
             start = time.perf_counter()
             writer.add_images(images)
-            commits.append({"before": done, "images": size, "s": time.perf_counter() - start})
+            commits.append({"before": writer.n_images() - size, "images": size,
+                            "s": time.perf_counter() - start,
+                            "trained_ivf": writer.catalog.ivf_state() != trained})  # fmt: skip
             done += size
-            if len(commits) % 10 == 0:
+            if len(commits) % 5 == 0:
                 print(f"{done} rows", file=sys.stderr, flush=True)
+        if remove_after:  # the probe leaves the database as it found it
+            writer.remove_paths(str(source_of_path(sources, i)) for i in range(first, done))
     record.write_text(json.dumps(commits))
+
+
+def source_of_path(sources: Path, i: int) -> Path:
+    return sources / str(i // 4096) / f"{i}.jpg"
 
 
 def synthetic_queries(db_dir: Path, queries_file: Path) -> None:
@@ -323,6 +346,10 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_build-synthetic":
         return build_synthetic(Path(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4]),
                                Path(sys.argv[5]))  # fmt: skip
+    if len(sys.argv) > 1 and sys.argv[1] == "_commit-probe":  # 10 commits of 1024, removed after
+        return build_synthetic(Path(sys.argv[2]), 10 * 1024, Path(sys.argv[3]),
+                               Path(sys.argv[4]), commit_size=1024, remove_after=True,
+                               first=int(sys.argv[5]))  # fmt: skip
     if len(sys.argv) > 1 and sys.argv[1] == "_synthetic-queries":
         return synthetic_queries(Path(sys.argv[2]), Path(sys.argv[3]))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -7,6 +7,7 @@ them, so `cbir --help` and `cbir info` start in a fraction of a second.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -17,23 +18,66 @@ from cbir import __version__
 from cbir.errors import BadImage, CbirError
 
 EXIT_SKIPPED = 3  # --strict and some files were skipped
+PLOT_FORMATS = (".png", ".pdf", ".svg", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".eps", ".ps")
+
+
+class UsageError(CbirError):
+    """A command line that does not parse (exit status 1, like every user's mistake)."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line naming the problem and where to read more."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{message}; see '{self.prog} --help'")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    _run_state["committed"] = 0
     try:
+        args = build_parser().parse_args(argv)
         return args.handler(args)
     except CbirError as exc:
-        print(f"cbir: error: {exc}", file=sys.stderr)
+        _clear_progress()
+        print(f"cbir: error: {one_line(str(exc))}", file=sys.stderr)
         return 1
     except BrokenPipeError:  # output piped into e.g. `head`, which stopped reading
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except OSError as exc:  # the machine's: a full disk, a read-only folder, permissions
+        _clear_progress()
+        where = f" writing {shown(exc.filename)}" if exc.filename else ""
+        if exc.errno == errno.ENOSPC:
+            print(f"cbir: error: no space left on the device{where}; free space and run the same "
+                  "command again (what was committed is intact)", file=sys.stderr)  # fmt: skip
+        else:
+            print(f"cbir: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
-        print("cbir: interrupted; everything committed before this point is intact, "
-              "run the same command again to finish", file=sys.stderr)  # fmt: skip
+        _clear_progress(close=True)
+        committed = _run_state["committed"]
+        if committed:
+            print(f"cbir: interrupted after committing {committed} images; run the same command "
+                  "again to finish", file=sys.stderr)  # fmt: skip
+        else:
+            print("cbir: interrupted before anything was committed", file=sys.stderr)
         return 130
+
+
+_run_state = {"committed": 0}  # what the interrupted command had committed
+
+
+def shown(path: object) -> str:
+    """A path as text that prints anywhere and stays on one line: bytes that are not UTF-8
+    as \\xNN, control characters (a newline in a file name) escaped."""
+    text = os.fsencode(str(path)).decode("utf-8", "backslashreplace")
+    return one_line(text)
+
+
+def one_line(text: str) -> str:
+    """`text` with control characters escaped (\\n, \\t, \\x1b), surrogates as \\xNN."""
+    text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,9 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     from cbir.model import BACKBONES, DEFAULT_BACKBONE, ENGINES, POOLINGS, PRECISIONS
     from cbir.search import DEFAULT_MIN_CANDIDATES, DEFAULT_QUERY_EXPANSION
 
-    parser = argparse.ArgumentParser(
-        prog="cbir", description="Content-based image retrieval with ImageNet CNNs."
-    )
+    parser = Parser(prog="cbir", description="Content-based image retrieval with ImageNet CNNs.")
     parser.add_argument("--version", action="version", version=f"cbir {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -187,6 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="with --all: compare every image even where an inverted file makes it approximate",
     )
+    p.add_argument(
+        "--max-megapixels",
+        type=float,
+        default=DEFAULT_MAX_MEGAPIXELS,
+        help="larger query images are refused as possible decompression bombs",
+    )
     search_options(p)
     model_options(p)
     engine_options(p)
@@ -270,15 +318,24 @@ def _index(args: argparse.Namespace, db_dir: Path, sources: list[Path]) -> int:
 
     def on_skip(bad: BadImage) -> None:
         _clear_progress()
-        print(f"skipping {bad.path}: {bad.reason}", file=sys.stderr)
+        print(f"skipping {shown(bad.path)}: {one_line(bad.reason)}", file=sys.stderr)
 
-    callbacks = Callbacks(on_skip=on_skip, on_wait=_say, progress=_progress_bar)
+    def on_commit(images: int) -> None:
+        _run_state["committed"] = images
+
+    def on_warning(path: Path, message: str) -> None:
+        _clear_progress()
+        print(f"warning: {shown(path)}: damaged data ({one_line(message)}); indexed as decoded",
+              file=sys.stderr)  # fmt: skip
+
+    callbacks = Callbacks(on_skip=on_skip, on_wait=_say, progress=_progress_bar,
+                          on_commit=on_commit, on_warning=on_warning)  # fmt: skip
     report = index_paths(db_dir, sources, _index_options(args), callbacks)
     removed = 0
     if getattr(args, "prune", False):
         from cbir.indexing import sync
 
-        removed = sync(db_dir, wait=args.wait, on_wait=_say)
+        removed = sync(db_dir, wait=args.wait, on_wait=_say).images
     summary = (
         f"indexed {report.indexed}, unchanged {report.unchanged}, skipped {len(report.skipped)}"
     )
@@ -294,8 +351,11 @@ def _index(args: argparse.Namespace, db_dir: Path, sources: list[Path]) -> int:
 
 
 def cmd_create_db(args: argparse.Namespace) -> int:
+    if args.source_dir.is_file():
+        raise CbirError(f"source folder {shown(args.source_dir)} is a file: give a folder (or "
+                        "index single files into a database with 'cbir add DB_DIR FILE...')")
     if not args.source_dir.is_dir():
-        raise CbirError(f"source folder {args.source_dir} does not exist")
+        raise CbirError(f"source folder {shown(args.source_dir)} does not exist")
     return _index(args, args.db_dir, [args.source_dir])
 
 
@@ -309,16 +369,24 @@ def cmd_add(args: argparse.Namespace) -> int:
 def cmd_remove(args: argparse.Namespace) -> int:
     from cbir.indexing import remove_sources
 
-    removed = remove_sources(args.db_dir, args.paths, wait=args.wait, on_wait=_say)
-    print(f"removed {removed}", file=sys.stderr)
-    return 0
+    done = remove_sources(args.db_dir, args.paths, wait=args.wait, on_wait=_say)
+    for path in done.not_indexed:
+        print(f"cbir: {shown(path)} is not in the database (nothing under it is indexed)",
+              file=sys.stderr)  # fmt: skip
+    print(f"forgot {done.paths} paths, removed {done.images} images (an image stays while "
+          "another path has its content)", file=sys.stderr)  # fmt: skip
+    return 1 if len(done.not_indexed) == len(args.paths) else 0
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
     from cbir.indexing import sync
 
-    removed = sync(args.db_dir, wait=args.wait, on_wait=_say)
-    print(f"removed {removed}", file=sys.stderr)
+    done = sync(args.db_dir, wait=args.wait, on_wait=_say)
+    if not done.paths:
+        print("removed 0: every indexed source file still exists", file=sys.stderr)
+    else:
+        print(f"forgot {done.paths} paths of deleted files, removed {done.images} images",
+              file=sys.stderr)  # fmt: skip
     return 0
 
 
@@ -327,14 +395,15 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     problems = check_database(args.db_dir, repair=args.repair, wait=args.wait, on_wait=_say)
     for line in problems:
-        print(line)
+        print(one_line(line))
     if not problems:
-        print(f"{args.db_dir}: ok")
+        print(f"{shown(args.db_dir)}: ok")
         return 0
     if args.repair:
-        print(f"{args.db_dir}: repaired {len(problems)} problem(s)")
+        print(f"{shown(args.db_dir)}: repaired {len(problems)} problem(s)")
         return 0
-    print(f"{args.db_dir}: {len(problems)} problem(s); run 'cbir check --repair'", file=sys.stderr)
+    print(f"{shown(args.db_dir)}: {len(problems)} problem(s); run 'cbir check --repair'",
+          file=sys.stderr)  # fmt: skip
     return 1
 
 
@@ -343,58 +412,109 @@ def cmd_query(args: argparse.Namespace) -> int:
 
     if args.n_results < 1:
         raise CbirError("-n must be at least 1")
-    for path in args.images:
-        if not path.is_file():
-            raise CbirError(f"query image {path} does not exist")
+    _check_search_options(args)
+    plot = _plot_target(args.plot) if args.plot else None
+    images = _query_images(args.images)
     options = QueryOptions(
         n_results=args.n_results, search_all=args.search_all,
         min_candidates=args.min_candidates, engine=args.engine, precision=args.precision,
-        query_expansion=max(0, args.query_expansion), exact=args.exact,
+        query_expansion=args.query_expansion, exact=args.exact,
+        max_megapixels=args.max_megapixels,
     )  # fmt: skip
     db, model = open_for_query(args.db_dir, options, args.model, args.weights)
-    outcomes = run_queries(db, model, args.images, options)
+    outcomes = run_queries(db, model, images, options)
     results = []
     for outcome in outcomes:
         if isinstance(outcome, BadImage):
-            print(f"cbir: error: query {outcome.path}: {outcome.reason}", file=sys.stderr)
+            print(f"cbir: error: query {shown(outcome.path)}: {one_line(outcome.reason)}",
+                  file=sys.stderr)  # fmt: skip
             continue
         results.append(outcome)
         if args.json:
             print(json.dumps(_result_json(outcome), ensure_ascii=False))
         else:
             _print_table(outcome)
-    if args.plot and results:
+    if plot and results:
         from cbir.plotting import plot_results
 
-        plot_results(results, args.plot, n_results=min(args.n_results, 5))
-        print(f"saved plot {args.plot}", file=sys.stderr)
+        plot_results(results, plot, n_results=min(args.n_results, 5))
+        print(f"saved plot {shown(plot)}", file=sys.stderr)
     return 0 if len(results) == len(outcomes) else 1
+
+
+def _check_search_options(args: argparse.Namespace) -> None:
+    if args.min_candidates < 0:
+        raise CbirError("--min-candidates must be 0 or more")
+    if args.query_expansion < 0:
+        raise CbirError("--query-expansion must be 0 (off) or more")
+    if getattr(args, "max_megapixels", 1) <= 0:
+        raise CbirError("--max-megapixels must be more than 0")
+
+
+def _query_images(paths: list[Path]) -> list[Path]:
+    """The query images: files as given, folders as every image in them (sorted)."""
+    from cbir.images import find_images
+
+    images: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            found = [p for p in find_images([path]) if not isinstance(p, BadImage)]
+            if not found:
+                raise CbirError(f"query folder {shown(path)} holds no image files")
+            images += found
+        elif path.is_file():
+            images.append(path)
+        else:
+            raise CbirError(f"query image {shown(path)} does not exist")
+    return images
+
+
+def _plot_target(path: Path) -> Path:
+    """Where --plot writes: the file named, or NAME.png for a name without an extension."""
+    if path.is_dir():
+        raise CbirError(f"--plot {shown(path)} is a folder: give a file name, e.g. results.png")
+    if not path.suffix:
+        path = path.with_name(path.name + ".png")
+    if path.suffix.lower() not in PLOT_FORMATS:
+        raise CbirError(f"--plot: cannot save a figure as {path.suffix!r}; use one of "
+                        f"{', '.join(PLOT_FORMATS)}")  # fmt: skip
+    if not path.parent.is_dir():
+        raise CbirError(f"--plot: the folder {shown(path.parent)} does not exist")
+    return path
 
 
 def _result_json(result) -> dict:  # noqa: ANN001
     return {
-        "query": str(result.query_path),
+        "query": shown(result.query_path),
         "categories": [{"id": c.wnid, "name": c.name, "prob": round(c.prob, 6)}
                        for c in result.categories],
         "searched_categories": list(result.gating.wnids),
         "searched": result.n_searched,
         "search": result.method,
-        "results": [{"path": h.path, "score": round(h.score, 6), "id": h.image_id,
-                     "categories": list(h.wnids), "paths": list(h.paths)}
+        "results": [{"path": shown(h.path), "score": round(h.score, 6), "id": h.image_id,
+                     "categories": list(h.wnids), "paths": [shown(p) for p in h.paths]}
                     for h in result.hits],
     }  # fmt: skip
 
 
 def _print_table(result) -> None:  # noqa: ANN001
+    from cbir import categories
+
+    names = categories.names_by_wnid()
     cats = ", ".join(f"{c.name} {c.prob:.2f}" for c in result.categories)
-    print(f"query {result.query_path}  [{cats}]")
+    print(f"query {shown(result.query_path)}  [{cats}]")
+    searched = result.gating.wnids
     if result.gating.fell_back:
-        print("  none of its predicted categories is in the database; searched the closest "
-              "ones that are: " + ", ".join(result.gating.wnids[:5]))  # fmt: skip
-    print(f"  searched {result.n_searched} images in {len(result.gating.wnids)} categories")
+        listed = ", ".join(names[w] for w in searched[:5])
+        more = f" and {len(searched) - 5} more" if len(searched) > 5 else ""
+        print(f"  none of its predicted categories is in the database; searched the "
+              f"{len(searched)} most probable ones it has: {listed}{more}")  # fmt: skip
+    where = {"gated": f"in {len(searched)} categories", "exact": "(every image)",
+             "ivf": "(the nearest lists of the inverted file)"}[result.method]  # fmt: skip
+    print(f"  searched {result.n_searched} images {where}")
     print(f"  {'rank':>4}  {'score':>6}  path")
     for rank, hit in enumerate(result.hits, start=1):
-        print(f"  {rank:>4}  {hit.score:6.3f}  {hit.path}")
+        print(f"  {rank:>4}  {hit.score:6.3f}  {shown(hit.path)}")
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -435,8 +555,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     if (args.labelled_dir is None) == (args.groups is None):
         raise CbirError("give either a labelled folder or --groups FILE")
-    if args.top_k < 1 or args.top_k > 1000 or args.query_expansion < 0:
-        raise CbirError("--top-k must be 1..1000 and --query-expansion at least 0")
+    if args.top_k < 1 or args.top_k > 1000:
+        raise CbirError("--top-k must be between 1 and 1000")
+    _check_search_options(args)
     if args.db is not None and not args.db.is_dir():
         raise CbirError(f"no database at {args.db}")
     labels = (
@@ -496,6 +617,11 @@ def _progress_bar(total: int) -> Callable[[int], None]:
     return _bar.update
 
 
-def _clear_progress() -> None:
+def _clear_progress(close: bool = False) -> None:
+    """Make room for a message: the bar is cleared (and ended, before a last message)."""
+    global _bar
     if _bar is not None:
         _bar.clear()
+        if close:
+            _bar.close()
+            _bar = None

@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import os
 import struct
+import threading
 import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -41,6 +42,31 @@ DEFAULT_RESIZE = "bilinear"
 # We check the pixel count ourselves (with a message that names the option), so Pillow's own
 # limit, which only warns between 1x and 2x, is turned off.
 Image.MAX_IMAGE_PIXELS = None
+
+# Bytes a decode may need (the decoded pixels plus their RGB copy) before it is refused: the
+# pixel limit alone let a 99,000,000 x 1 PNG through to a MemoryError that stopped the run.
+MAX_DECODE_BYTES = 1 << 30
+_BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "LA": 2, "PA": 2, "RGB": 3, "YCbCr": 3, "LAB": 3,
+                    "HSV": 3, "RGBA": 4, "RGBa": 4, "RGBX": 4, "CMYK": 4, "I": 4, "F": 4,
+                    "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2}  # fmt: skip
+
+# Pillow reports some damage (corrupt EXIF data, a truncated tag) as Python warnings. They
+# are collected per decoding thread and reported as a warning naming the file, instead of
+# reaching the terminal as a third-party message without one.
+_collecting = threading.local()
+_show_warning = warnings.showwarning
+
+
+def _route_warning(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001, ANN202
+    collected = getattr(_collecting, "warnings", None)
+    if collected is not None and issubclass(category, Warning):
+        collected.append(str(message))
+        return
+    _show_warning(message, category, filename, lineno, file, line)
+
+
+warnings.showwarning = _route_warning
+warnings.filterwarnings("always", module=r"PIL\..*")
 
 # Errors Pillow and its plugins raise on broken files; others are bugs and keep their traceback.
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, IndexError, TypeError)
@@ -101,38 +127,47 @@ def load_image(
     data: bytes | None = None,
     max_megapixels: float = DEFAULT_MAX_MEGAPIXELS,
     resize: str = DEFAULT_RESIZE,
+    warned: list[str] | None = None,
 ) -> npt.NDArray[np.uint8]:
     """Decode `path` (or its already-read bytes) into a (size, size, 3) uint8 RGB array.
 
     EXIF orientation is applied, the first frame of animations is used, transparency is
     flattened onto white and 16-bit images are scaled to 8 bits. The whole image is resized
     (no crop, with the `resize` filter), so near-duplicates that differ at the borders still
-    match.
+    match. Damage Pillow works around (corrupt EXIF data) is appended to `warned`.
     Raises BadImage (or ImageTooLarge) with the reason; never returns a partial image.
     """
+    _collecting.warnings = [] if warned is None else warned
     try:
         if data is None:
             data = path.read_bytes()
         if not data:
             raise BadImage(path, "empty file")
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as im:
-                pixels = im.width * im.height
-                if pixels > max_megapixels * 1e6:
-                    raise ImageTooLarge(path, pixels, int(max_megapixels * 1e6))
-                if im.format == "JPEG":
-                    im.draft("RGB", (size, size))  # decode at a reduced scale: much faster
-                im.load()
-                rgb = _to_rgb(ImageOps.exif_transpose(im))
-                rgb = rgb.resize((size, size), RESIZE_FILTERS[resize], reducing_gap=3.0)
-                return np.asarray(rgb, dtype=np.uint8)
+        with Image.open(io.BytesIO(data)) as im:
+            pixels = im.width * im.height
+            if pixels > max_megapixels * 1e6:
+                raise ImageTooLarge(path, pixels, int(max_megapixels * 1e6))
+            if im.format == "JPEG":
+                im.draft("RGB", (size, size))  # decode at a reduced scale: much faster
+            needed = im.width * im.height * (_BYTES_PER_PIXEL.get(im.mode, 4) + 3)
+            if needed > MAX_DECODE_BYTES:
+                raise BadImage(path, f"{im.width}x{im.height} would need {needed >> 20} MB to "
+                                     f"decode, over the {MAX_DECODE_BYTES >> 20} MB limit "
+                                     "(possible decompression bomb)")  # fmt: skip
+            im.load()
+            rgb = _to_rgb(ImageOps.exif_transpose(im))
+            rgb = rgb.resize((size, size), RESIZE_FILTERS[resize], reducing_gap=3.0)
+            return np.asarray(rgb, dtype=np.uint8)
+    except MemoryError as exc:
+        raise BadImage(path, "not enough memory to decode it") from exc
     except UnidentifiedImageError as exc:
         raise BadImage(path, "not an image (unrecognised file format)") from exc
     except Image.DecompressionBombError as exc:
         raise BadImage(path, f"decompression bomb: {exc}") from exc
     except _DECODE_ERRORS as exc:
         raise BadImage(path, f"cannot decode image ({type(exc).__name__}: {exc})") from exc
+    finally:
+        _collecting.warnings = None
 
 
 def open_display_image(path: Path, max_side: int = 512) -> Image.Image:

@@ -70,6 +70,7 @@ class _Prepared:
     size: int
     mtime_ns: int
     pixels: npt.NDArray[np.uint8] | None
+    warnings: tuple[str, ...] = ()  # damage the decoder worked around (corrupt EXIF data)
 
 
 @dataclass
@@ -77,6 +78,8 @@ class Callbacks:
     on_skip: Callable[[BadImage], None] = lambda bad: None
     on_wait: Callable[[str], None] = lambda message: None
     progress: Callable[[int], Callable[[int], None]] = lambda total: lambda n: None
+    on_commit: Callable[[int], None] = lambda images: None  # images committed so far in the run
+    on_warning: Callable[[Path, str], None] = lambda path, message: None
 
 
 DEFAULTS = {"top_k": 4, "pooling": "gap", "link": "copy"}
@@ -173,8 +176,9 @@ class _Committer:
     category files overlap with inference: each batch's copies are placed as soon as it is
     described, and chunks are committed; at most one commit is in flight."""
 
-    def __init__(self, writer: Writer, commit_every: int) -> None:
-        self.writer, self.commit_every = writer, commit_every
+    def __init__(self, writer: Writer, commit_every: int, on_commit: Callable[[int], None]) -> None:
+        self.writer, self.commit_every, self.on_commit = writer, commit_every, on_commit
+        self.committed = 0
         self.images: list[NewImage] = []
         self.paths: list[tuple[str, str, int, int]] = []  # (path, sha256, size, mtime_ns)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="cbir-commit")
@@ -203,6 +207,8 @@ class _Committer:
     def _store(self, images: list[NewImage], paths: list[tuple[str, str, int, int]]) -> None:
         self.writer.add_images(images)
         self.writer.add_paths(paths)
+        self.committed += len(images) + len(paths)
+        self.on_commit(self.committed)
 
     def wait(self) -> None:
         while self._in_flight:
@@ -228,7 +234,7 @@ def _describe_and_store(
     collecting: set[str] = set()
     committing: set[str] = set()
     n_before = writer.n_images()
-    committer = _Committer(writer, options.commit_every)
+    committer = _Committer(writer, options.commit_every, callbacks.on_commit)
 
     def prepare(found: _Found) -> _Prepared:
         path, file_size, mtime_ns = Path(found[0]), found[1], found[2]
@@ -239,8 +245,10 @@ def _describe_and_store(
         sha = hashlib.sha256(data).hexdigest()
         if writer.has_image(sha):
             return _Prepared(path, sha, file_size, mtime_ns, None)
-        pixels = load_image(path, size, data, options.max_megapixels, writer.settings.resize)
-        return _Prepared(path, sha, file_size, mtime_ns, pixels)
+        warned: list[str] = []
+        pixels = load_image(path, size, data, options.max_megapixels, writer.settings.resize,
+                            warned)  # fmt: skip
+        return _Prepared(path, sha, file_size, mtime_ns, pixels, tuple(dict.fromkeys(warned)))
 
     def describe(batch: list[_Prepared]) -> None:
         nonlocal model
@@ -258,6 +266,8 @@ def _describe_and_store(
                 _skip(report, callbacks, result)
                 advance(1)
                 continue
+            if result.warnings:
+                callbacks.on_warning(result.path, "; ".join(result.warnings))
             sha = result.sha256
             known = result.pixels is None or sha in collecting or sha in committing
             if known or writer.has_image(sha):  # committed since `prepare` looked
@@ -331,25 +341,36 @@ def _result(future: Future[_Prepared]) -> _Prepared | BadImage:
         return bad
 
 
+@dataclass(frozen=True)
+class Removal:
+    images: int  # images removed (no path points at their content any more)
+    paths: int  # source paths forgotten
+    not_indexed: list[Path]  # targets that matched no indexed path
+
+
 def remove_sources(
     db_dir: Path, paths: list[Path], wait: bool = True, on_wait: Callable[[str], None] | None = None
-) -> int:
-    """Forget these files (or every file under these folders). Returns images removed."""
+) -> Removal:
+    """Forget these files (or every file under these folders)."""
     with open_writer(db_dir, wait=wait, on_wait=on_wait) as writer:
-        targets = [str(_absolute(p)) for p in paths]
-        doomed = [
-            known
-            for known, _ in writer.catalog.paths()
-            if any(known == t or known.startswith(t.rstrip("/") + "/") for t in targets)
-        ]
-        return writer.remove_paths(doomed)
+        targets = {t: str(_absolute(t)) for t in paths}
+        matched: set[Path] = set()
+        doomed = []
+        for known, _ in writer.catalog.paths():
+            for target, text in targets.items():
+                if known == text or known.startswith(text.rstrip("/") + "/"):
+                    matched.add(target)
+                    doomed.append(known)
+                    break
+        removed = writer.remove_paths(doomed) if doomed else 0
+        return Removal(removed, len(doomed), [t for t in paths if t not in matched])
 
 
-def sync(db_dir: Path, wait: bool = True, on_wait: Callable[[str], None] | None = None) -> int:
-    """Forget source paths that no longer exist. Returns images removed."""
+def sync(db_dir: Path, wait: bool = True, on_wait: Callable[[str], None] | None = None) -> Removal:
+    """Forget source paths that no longer exist."""
     with open_writer(db_dir, wait=wait, on_wait=on_wait) as writer:
         gone = [p for p, _ in writer.catalog.paths() if not os.path.exists(p)]
-        return writer.remove_paths(gone) if gone else 0
+        return Removal(writer.remove_paths(gone) if gone else 0, len(gone), [])
 
 
 def _absolute(path: Path) -> Path:

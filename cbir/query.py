@@ -17,7 +17,7 @@ from cbir.db import Database, check_compatible, ivf
 from cbir.db.database import CategoryMembers
 from cbir.errors import BadImage, CbirError
 from cbir.features import expand_query
-from cbir.images import load_image
+from cbir.images import DEFAULT_MAX_MEGAPIXELS, load_image
 from cbir.model import Model, get_backbone, load_model, resolve_weights
 from cbir.search import (
     DEFAULT_MIN_CANDIDATES,
@@ -65,6 +65,7 @@ class QueryOptions:
     engine: str = "auto"
     precision: str = "auto"
     exact: bool = False  # --all compares every row even where the database has an IVF
+    max_megapixels: float = DEFAULT_MAX_MEGAPIXELS
     nprobe: int | None = None  # IVF lists an approximate --all searches (None: the default)
 
 
@@ -96,7 +97,9 @@ def run_queries(
     outcome: dict[Path, QueryResult | BadImage] = {}
     for path in query_paths:
         try:
-            loaded.append((path, load_image(path, size, resize=db.settings.resize)))
+            pixels = load_image(path, size, max_megapixels=options.max_megapixels,
+                                resize=db.settings.resize)  # fmt: skip
+            loaded.append((path, pixels))
         except BadImage as bad:
             outcome[path] = bad
     if loaded:

@@ -210,6 +210,30 @@ class Catalog:
             conn.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
                              (("ivf_generation", generation), ("ivf_trained", trained)))
 
+    def invalid_images(self) -> list[int]:
+        """Ids of the images whose fields do not pass the checks every read makes (a damaged
+        or tampered catalog), found by one pass over the table."""
+        bad = []
+        for r in self._iterate("SELECT id, sha256, stored_name, wnids, probs, row FROM images"):
+            try:
+                self._record(r)
+            except DatabaseError:
+                bad.append(r[0])
+        return bad
+
+    def unknown_categories(self) -> list[str]:
+        """Category ids in placements or category_sizes that are not ImageNet classes."""
+        names = {str(r[0]) for r in self._rows(
+            "SELECT DISTINCT wnid FROM placements UNION SELECT wnid FROM category_sizes")}
+        return sorted(n for n in names if not categories.is_wnid(n))
+
+    def forget_categories(self, wnids: Sequence[str]) -> None:
+        """Delete rows naming unknown categories (check --repair: no folder can be theirs)."""
+        with self.transaction() as conn:
+            for wnid in wnids:
+                conn.execute("DELETE FROM placements WHERE wnid = ?", (wnid,))
+                conn.execute("DELETE FROM category_sizes WHERE wnid = ?", (wnid,))
+
     def recorded_rows(self) -> int:
         """Images whose matrix row is below this are in their category files."""
         n = dict(self._rows("SELECT key, value FROM meta")).get("recorded_rows")
@@ -220,6 +244,9 @@ class Catalog:
     def set_recorded_rows(self, n: int) -> None:
         with self.transaction() as conn:
             conn.execute("INSERT OR REPLACE INTO meta VALUES ('recorded_rows', ?)", (n,))
+
+    def count_from_row(self, start: int) -> int:
+        return int(self._one("SELECT count(*) FROM images WHERE row >= ?", (start,)))  # type: ignore[arg-type]
 
     def images_from_row(self, start: int) -> list[ImageRecord]:
         """The images whose matrix row is `start` or later, in row order."""
@@ -257,12 +284,20 @@ class Catalog:
         values = tuple(float(p) for p in np.frombuffer(probs, "<f4"))
         return ImageRecord(image_id, sha, name, wnid_list, values, row)
 
-    def images_in(self, wnid: str) -> list[ImageRecord]:
-        """The images stored in category `wnid`, by id."""
+    def images_in(self, wnid: str, skip_invalid: bool = False) -> list[ImageRecord]:
+        """The images stored in category `wnid`, by id; invalid ones raise DatabaseError, or
+        are left out with `skip_invalid` (check reports them on its own)."""
         rows = self._rows("SELECT i.id, i.sha256, i.stored_name, i.wnids, i.probs, i.row "
                           "FROM placements p JOIN images i ON i.id = p.image_id "
                           "WHERE p.wnid = ? ORDER BY i.id", (wnid,))  # fmt: skip
-        return [self._record(r) for r in rows]
+        records = []
+        for r in rows:
+            try:
+                records.append(self._record(r))
+            except DatabaseError:
+                if not skip_invalid:
+                    raise
+        return records
 
     def path_record(self, path: str) -> PathRecord | None:
         rows = self._rows(
@@ -288,12 +323,15 @@ class Catalog:
     def n_paths(self) -> int:
         return int(self._one("SELECT count(*) FROM paths"))  # type: ignore[arg-type]
 
-    def category_sizes(self) -> dict[str, int]:
-        """wnid -> number of images stored in that category (unknown wnids are damage)."""
+    def category_sizes(self, known_only: bool = False) -> dict[str, int]:
+        """wnid -> number of images stored in that category. An unknown wnid is damage: it
+        raises DatabaseError, or is left out with `known_only` (check reports it)."""
         sizes = dict(self._rows("SELECT wnid, n FROM category_sizes ORDER BY wnid"))
-        for wnid, n in sizes.items():
+        for wnid, n in list(sizes.items()):
             if not categories.is_wnid(wnid) or not isinstance(n, int):
-                raise damaged(self.path, f"unknown category {str(wnid)[:40]!r}")
+                if not known_only:
+                    raise damaged(self.path, f"unknown category {str(wnid)[:40]!r}")
+                del sizes[wnid]
         return sizes
 
     def members(self, wnid: str) -> npt.NDArray[np.int64]:

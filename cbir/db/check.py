@@ -90,6 +90,7 @@ class _Checker:
             if self.w is None:
                 return self.problems
             self._rebuild_catalog()
+        self._check_catalog_fields()
         for name in sorted(os.listdir(db.db_dir)):
             if name.startswith(".tmp-") or (
                 generation_of(name) is not None
@@ -104,7 +105,7 @@ class _Checker:
             self._rebuild_matrix()
             matrix_ok = True
         self.recorded = db.catalog.recorded_rows()
-        unrecorded = len(db.catalog.images_from_row(self.recorded))
+        unrecorded = db.catalog.count_from_row(self.recorded)
         if unrecorded:
             self.say(f"{unrecorded} committed images are not in their category files yet (a run "
                      "was interrupted; its next write completes them)", "written")  # fmt: skip
@@ -113,7 +114,8 @@ class _Checker:
                 self.recorded = db.catalog.recorded_rows()
         self._check_ivf()
         lost: set[int] = set()
-        for wnid in sorted(set(db.category_sizes()) | set(self._folders_on_disk())):
+        listed = set(db.catalog.category_sizes(known_only=True))
+        for wnid in sorted(listed | set(self._folders_on_disk())):
             lost |= self._check_category(wnid, matrix_ok)
         if lost and self.w is not None:
             self.say(f"{len(lost)} images have no stored copy or source file left",
@@ -131,6 +133,25 @@ class _Checker:
                 self.w._n_images = None
                 self.w._write_manifest()
         return self.problems
+
+    def _check_catalog_fields(self) -> None:
+        """Entries whose names or categories are not valid are never used: they could name a
+        file outside the database. Repair drops them (their content is re-indexed by running
+        the same create-db again)."""
+        catalog = self.db.catalog
+        unknown = catalog.unknown_categories()
+        if unknown:
+            self.say(f"{self.db.db_dir / CATALOG_NAME} names {len(unknown)} categories that are "
+                     f"not ImageNet classes ({unknown[0][:40]!r}...)", "forgotten")  # fmt: skip
+            if self.w is not None:
+                catalog.forget_categories(unknown)
+        bad = catalog.invalid_images()
+        if bad:
+            self.say(f"{self.db.db_dir / CATALOG_NAME} has {len(bad)} images with invalid "
+                     "fields (a stored name with '/', an unknown category, a bad hash)",
+                     "dropped: run the same create-db or add again to re-index them")  # fmt: skip
+            if self.w is not None:
+                catalog.drop_images(bad)
 
     # -- the search matrix ------------------------------------------------------------------
 
@@ -173,7 +194,7 @@ class _Checker:
         catalog_ids = {r.image_id for r in self.db.images()}
 
         def blocks() -> Iterator[tuple[npt.NDArray[np.int64], np.ndarray]]:
-            for wnid in sorted(self.db.category_sizes()):
+            for wnid in sorted(self.db.catalog.category_sizes(known_only=True)):
                 try:
                     rows = read_folder(self.db.category_dir(wnid), self.dim)
                 except (FileNotFoundError, DatabaseError):
@@ -216,7 +237,7 @@ class _Checker:
         """Checks (and repairs) one category; returns the images it found beyond repair."""
         db = self.db
         folder = db.category_dir(wnid)
-        records = db.catalog.images_in(wnid)
+        records = db.catalog.images_in(wnid, skip_invalid=True)
         by_id = {r.image_id: r for r in records}
         expected = {r.image_id for r in records if r.row < self.recorded}
         rows = None
@@ -236,6 +257,11 @@ class _Checker:
                 strays = int((~listed).sum())
                 self.say(f"{folder} has {strays} feature rows of images the catalog does not "
                          "list there (an interrupted write)", "removed")  # fmt: skip
+                rewrite = True
+            names = [by_id[i].stored_name for i in rows.ids[listed].tolist()]
+            if rows.files[listed].tolist() != names:
+                self.say(f"{folder}: the file names of its feature rows disagree with the "
+                         "catalog", "rewritten from the catalog")  # fmt: skip
                 rewrite = True
             missing = expected - set(rows.ids.tolist())
             if missing:
@@ -310,7 +336,9 @@ class _Checker:
     def _write_category(self, wnid: str, records: list[ImageRecord]) -> None:
         """The category's rows as one new segment from the matrix, replacing all others."""
         folder = self.db.category_dir(wnid)
-        if not records:
+        if not records:  # nothing is left in it: its segments go, and the folder
+            for seg in sum(segments(folder), []):
+                os.unlink(seg.path)
             return
         with contextlib.suppress(FileExistsError):
             folder.mkdir()

@@ -626,8 +626,9 @@ def _locked(db_dir: Path, wait: bool, on_wait: Callable[[str], None] | None) -> 
     try:
         fd = os.open(db_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     except OSError as exc:
-        raise DatabaseError(f"cannot write to the database {db_dir} "
-                            f"({exc.strerror or exc})") from exc  # fmt: skip
+        why = "it is read-only" if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM) else (
+            exc.strerror or str(exc))  # fmt: skip
+        raise DatabaseError(f"cannot write to the database {db_dir}: {why}") from exc
     with open(fd, "a+") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
