@@ -68,6 +68,31 @@ def _route_warning(message, category, filename, lineno, file=None, line=None):  
 warnings.showwarning = _route_warning
 warnings.filterwarnings("always", module=r"PIL\..*")
 
+
+def _silence_libtiff() -> None:
+    """libtiff prints its complaints about a broken file ("tempfile.tif: Using code not yet in
+    table.") straight onto the terminal, without the file's name; the decode error that
+    follows is reported as the file's skip reason instead. Pillow does not expose libtiff's
+    handlers, so the copy Pillow loaded is found in the process's map and told to be quiet."""
+    import ctypes
+
+    try:
+        with open("/proc/self/maps") as maps:
+            found = {line.split()[-1] for line in maps if "libtiff" in line.rsplit("/", 1)[-1]}
+    except OSError:
+        return
+    for path in found:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for setter in (lib.TIFFSetErrorHandler, lib.TIFFSetWarningHandler):
+            setter.restype, setter.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+            setter(None)
+
+
+_silence_libtiff()
+
 # Errors Pillow and its plugins raise on broken files; others are bugs and keep their traceback.
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, IndexError, TypeError)
 
