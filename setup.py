@@ -19,6 +19,7 @@ setup(
         "keras>=3.0",
         "tensorflow>=2.16",
         "openvino>=2024.0",
+        "faiss-cpu>=1.8",  # k-means for the inverted file of large databases (cbir.db.ivf)
     ],
     extras_require={"test": ["pytest>=7"], "dev": ["pytest>=7", "ruff"]},
     entry_points={"console_scripts": ["cbir = cbir.cli:main"]},

@@ -318,6 +318,8 @@ def test_a_read_only_database_is_checked_and_queried_and_refuses_writes(read_onl
                  ["remove", str(read_only_db), str(CHELSEA)],
                  ["check", str(read_only_db), "--repair"]):  # fmt: skip
         one_clear_line(run_cli(*args), "read-only")
+    one_clear_line(run_cli("create-db", str(extra), str(read_only_db / "new"), *LITE0),
+                   "cannot create the database folder")  # fmt: skip
 
 
 def test_plot_targets_and_database_paths_that_cannot_work_are_one_line(photos_db, tmp_path):
