@@ -101,6 +101,8 @@ class Bench:
         child = self.run(sys.executable, str(Path(__file__)), "_second-query", str(db),
                          *map(str, images[:6]))  # fmt: skip
         out["second_query_ms"] = json.loads(child["stdout"].splitlines()[-1])
+        check = self.cbir("check", str(db))
+        out["check"] = {"wall_s": check["wall_s"], "max_rss_mb": check["max_rss_mb"]}
         info = json.loads(self.cbir("info", str(db), "--json")["stdout"])
         out["disk_bytes_per_image"] = info["disk_bytes"] / info["images"]
         out["disk_parts_per_image"] = disk_parts(db, info["images"])
@@ -291,6 +293,8 @@ def report(r: dict[str, Any]) -> str:
         ".1f")  # fmt: skip
     row("second query in-process, --all: ms", lambda d: d["queries"]["second_query_ms"]["all"],
         ".1f")  # fmt: skip
+    row("cbir check: wall s", lambda d: d["queries"]["check"]["wall_s"], ".1f")
+    row("cbir check: peak RSS MB", lambda d: d["queries"]["check"]["max_rss_mb"], ".0f")
     row("disk per image, bytes", lambda d: d["queries"]["disk_bytes_per_image"], ".0f")
     for part in sorted(large["queries"]["disk_parts_per_image"]):
         row(f"  {part}", lambda d, p=part: d["queries"]["disk_parts_per_image"].get(p, 0), ".0f")
@@ -306,13 +310,14 @@ def report(r: dict[str, Any]) -> str:
     if "synthetic" in r:
         s = r["synthetic"]
         commits = s["commits"]
-        first = statistics.median(c["s"] for c in commits[:10])
-        last = statistics.median(c["s"] for c in commits[-10:])
+        tenth = max(1, len(commits) // 10)
+        early = statistics.median(c["s"] / c["images"] for c in commits[1:tenth + 1])
+        late = statistics.median(c["s"] / c["images"] for c in commits[-tenth:])
         lines += ["", f"Synthetic: {s['queries']['rows']} rows, {s['queries']['ivf_lists']} IVF "
                   f"lists, built in {s['build_s']:.0f} s",
-                  f"  commit of 1024 images: {1000 * first:.0f} ms at the start, "
-                  f"{1000 * last:.0f} ms at {commits[-10]['before']} rows "
-                  f"(ratio {last / first:.2f})",
+                  f"  bulk commits of {commits[0]['images']}, ms per image (with category "
+                  f"files and merges): {1000 * early:.2f} in the first tenth, "
+                  f"{1000 * late:.2f} in the last (ratio {late / early:.2f})",
                   "  slowest commits: " + ", ".join(
                       f"{c['s']:.1f} s at {c['before']}" for c in
                       sorted(commits, key=lambda c: -c["s"])[:3]),
@@ -324,7 +329,12 @@ def report(r: dict[str, Any]) -> str:
                   f"  --all --exact: {s['queries']['all_exact']['ms']:.0f} ms",
                   "  recall@10 of the IVF against exact search: " + ", ".join(
                       f"{k}: {v:.2f}" for k, v in s["queries"]["recall_at_10"].items()),
-                  f"  peak RSS of the query process: {s['max_rss_mb']:.0f} MB"]  # fmt: skip
+                  f"  peak RSS of the query process: {s['max_rss_mb']:.0f} MB",
+                  f"  commits of 1024 images, median: {1000 * s['probe']['fresh']:.0f} ms into an "
+                  f"empty database, {1000 * s['probe']['full']:.0f} ms into this one "
+                  f"(ratio {s['probe']['full'] / s['probe']['fresh']:.2f})",
+                  f"  cbir check: {s['check']['wall_s']:.0f} s, peak RSS "
+                  f"{s['check']['max_rss_mb']:.0f} MB"]  # fmt: skip
         checks += [
             ("1M: in-process gated query, ms", s["queries"]["gated"]["ms"],
              TARGETS["million_gated_ms"], ""),
@@ -409,9 +419,20 @@ def synthetic(bench: Bench, n: int, fashion_db: Path, test_images: list[Path]) -
     bench.log("queries on the synthetic database")
     child = bench.run(sys.executable, str(Path(__file__)), "_synthetic-queries", str(db),
                       str(queries_file))  # fmt: skip
+    bench.log("commits of 1024 images into an empty and into the synthetic database")
+    probe: dict[str, float] = {}
+    for key, target, first in (("fresh", bench.work / "probe-empty.db", 0), ("full", db, 3 * n)):
+        shutil.rmtree(bench.work / "probe-empty.db", ignore_errors=True)
+        probe_record = bench.work / "probe.json"
+        bench.run(sys.executable, str(Path(__file__)), "_commit-probe", str(target),
+                  str(fashion_db), str(probe_record), str(first))  # fmt: skip
+        probe[key] = statistics.median(c["s"] for c in json.loads(probe_record.read_text()))
+    bench.log("cbir check of the synthetic database")
+    check = bench.cbir("check", str(db))
     return {"commits": json.loads(record.read_text()), **json.loads(build_record.read_text()),
             "queries": json.loads(child["stdout"].splitlines()[-1]),
-            "max_rss_mb": child["max_rss_mb"]}  # fmt: skip
+            "max_rss_mb": child["max_rss_mb"], "probe": probe,
+            "check": {"wall_s": check["wall_s"], "max_rss_mb": check["max_rss_mb"]}}  # fmt: skip
 
 
 if __name__ == "__main__":

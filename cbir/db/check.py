@@ -33,7 +33,7 @@ from cbir.db.category_files import (
 from cbir.db.database import Database
 from cbir.db.files import open_regular, tmp_name, write_atomic
 from cbir.db.manifest import read_manifest
-from cbir.db.matrix import generation_of
+from cbir.db.matrix import MATRIX_FILES
 from cbir.db.writer import WRITING_NAME, Writer, _copy_new, open_writer
 from cbir.errors import DatabaseError
 from cbir.hashing import image_id_of
@@ -93,11 +93,11 @@ class _Checker:
         self._check_catalog_fields()
         for name in sorted(os.listdir(db.db_dir)):
             if name.startswith(".tmp-") or (
-                generation_of(name) is not None
-                and generation_of(name) != db.catalog.matrix_state()[0]
+                MATRIX_FILES.generation_of(name) is not None
+                and MATRIX_FILES.generation_of(name) != db.catalog.matrix_state()[0]
             ) or (
-                ivf.generation_of(name) is not None
-                and ivf.generation_of(name) != db.catalog.ivf_state()[0]
+                ivf.IVF_FILES.generation_of(name) is not None
+                and ivf.IVF_FILES.generation_of(name) != db.catalog.ivf_state()[0]
             ):
                 self.leftover(db.db_dir / name)
         matrix_ok = self._check_matrix()

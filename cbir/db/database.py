@@ -18,7 +18,7 @@ from cbir import categories
 from cbir.db import ivf
 from cbir.db.catalog import CATALOG_NAME, Catalog, ImageRecord, PathRecord
 from cbir.db.manifest import Manifest, Settings, read_manifest
-from cbir.db.matrix import SearchMatrix, matrix_name
+from cbir.db.matrix import MATRIX_FILES, SearchMatrix
 from cbir.errors import DatabaseError
 
 MATRIX_OPEN_ATTEMPTS = 5  # a compaction may replace the matrix file between two reads
@@ -68,7 +68,7 @@ class Database:
         committed more rows or a new generation since it was last opened)."""
         for _ in range(MATRIX_OPEN_ATTEMPTS):
             generation, n_rows = self.catalog.matrix_state()
-            path = self.db_dir / matrix_name(generation)
+            path = self.db_dir / MATRIX_FILES.name(generation)
             m = self._matrix
             if m is not None and m.path == path and m.n_rows == n_rows:
                 return m
@@ -90,7 +90,7 @@ class Database:
         if generation == 0:
             return None
         if self._ivf is None or self._ivf[0] != generation:
-            path = self.db_dir / ivf.ivf_name(generation)
+            path = self.db_dir / ivf.IVF_FILES.name(generation)
             try:
                 self._ivf = generation, ivf.read_centroids(path, self.settings.feature_dim)
             except FileNotFoundError:

@@ -14,6 +14,7 @@ import stat
 import zipfile
 import zlib
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,25 @@ import numpy as np
 from cbir.errors import DatabaseError
 
 Writing = Callable[[io.BufferedWriter], None]
+
+
+@dataclass(frozen=True)
+class GenerationFiles:
+    """Files named <prefix><generation><suffix>, rewritten whole as a new generation; the
+    catalog says which generation is in use, and others are leftovers."""
+
+    prefix: str
+    suffix: str
+
+    def name(self, generation: int) -> str:
+        return f"{self.prefix}{generation}{self.suffix}"
+
+    def generation_of(self, name: str) -> int | None:
+        """The generation a file name stands for, or None if it is not one of these files."""
+        middle = name.removeprefix(self.prefix).removesuffix(self.suffix)
+        if name.startswith(self.prefix) and name.endswith(self.suffix) and middle.isdigit():
+            return int(middle)
+        return None
 
 # What reading a truncated, corrupted or forged .npz raises.
 DAMAGE = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error)

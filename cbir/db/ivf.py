@@ -19,24 +19,15 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from cbir.db.files import load_npz, npz_writer, write_atomic
+from cbir.db.files import GenerationFiles, load_npz, npz_writer, write_atomic
 
-IVF_PREFIX, IVF_SUFFIX = "ivf-", ".npz"
 IVF_MIN_IMAGES = 200_000  # below this an exact scan of the matrix is fast enough (bench/)
 RETRAIN_GROWTH = 4
 TRAIN_POINTS_PER_LIST = 40  # FAISS warns below 39
 DEFAULT_PROBE_SHARE = 1 / 32  # lists searched per query; recall@10 in bench/bench_db.py
 
 
-def ivf_name(generation: int) -> str:
-    return f"{IVF_PREFIX}{generation}{IVF_SUFFIX}"
-
-
-def generation_of(name: str) -> int | None:
-    middle = name.removeprefix(IVF_PREFIX).removesuffix(IVF_SUFFIX)
-    if name.startswith(IVF_PREFIX) and name.endswith(IVF_SUFFIX) and middle.isdigit():
-        return int(middle)
-    return None
+IVF_FILES = GenerationFiles("ivf-", ".npz")
 
 
 def n_lists_for(n_images: int) -> int:

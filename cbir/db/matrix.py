@@ -20,28 +20,22 @@ import mmap
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import numpy.typing as npt
 
-from cbir.db.files import damaged, fsync_dir, open_regular, tmp_name
+from cbir.db.files import GenerationFiles, damaged, open_regular, write_atomic
 from cbir.errors import DatabaseError
 
 DTYPE = np.dtype("<f2")
-MATRIX_PREFIX, MATRIX_SUFFIX = "matrix-", ".f16"
 SCAN_BLOCK_ROWS = 16384  # rows converted to float32 at a time by a scan: 84 MB at d = 1280
+# Pages of the map a process may keep after gathering rows: mapped pages count as its memory,
+# so a long check or a server would otherwise come to hold the whole file.
+KEEP_MAPPED_BYTES = 256 << 20
 
 
-def matrix_name(generation: int) -> str:
-    return f"{MATRIX_PREFIX}{generation}{MATRIX_SUFFIX}"
-
-
-def generation_of(name: str) -> int | None:
-    """The generation a file name stands for, or None if it is not a matrix file's name."""
-    middle = name.removeprefix(MATRIX_PREFIX).removesuffix(MATRIX_SUFFIX)
-    if name.startswith(MATRIX_PREFIX) and name.endswith(MATRIX_SUFFIX) and middle.isdigit():
-        return int(middle)
-    return None
+MATRIX_FILES = GenerationFiles("matrix-", ".f16")
 
 
 class SearchMatrix:
@@ -52,6 +46,7 @@ class SearchMatrix:
         self._fd: int | None = None
         self._map: mmap.mmap | None = None
         self._rows: npt.NDArray[np.float16] = np.zeros((0, dim), DTYPE)
+        self._gathered = 0  # bytes gathered since the map's pages were last let go
         if n_rows == 0:
             return
         try:
@@ -82,7 +77,12 @@ class SearchMatrix:
         rows = np.asarray(rows, np.int64)
         if len(rows) and (rows.min() < 0 or rows.max() >= self.n_rows):
             raise damaged(self.path, "the catalog points past the matrix's committed rows")
-        return self._rows[rows].astype(np.float32)
+        gathered = self._rows[rows].astype(np.float32)
+        self._gathered += gathered.nbytes // 2
+        if self._gathered > KEEP_MAPPED_BYTES and self._map is not None:
+            self._map.madvise(mmap.MADV_DONTNEED)  # the file's pages stay in the page cache
+            self._gathered = 0
+        return gathered
 
     def blocks(self, block_rows: int = SCAN_BLOCK_ROWS) -> Iterator[tuple[int, np.ndarray]]:
         """(first row, (b, d) float32 block) over every committed row, read with plain reads
@@ -136,22 +136,16 @@ class MatrixAppender:
 
 
 def write_matrix(path: Path, blocks: Iterator[np.ndarray], dim: int) -> int:
-    """Write a whole new matrix file from (b, d) blocks, synced; returns its rows. The caller
-    points the catalog at it (then it is in use) and deletes the old one."""
-    tmp = tmp_name(path)
-    n = 0
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
-        with open(fd, "wb") as f:
-            for block in blocks:
-                data = np.ascontiguousarray(block, DTYPE).reshape(-1, dim)
-                f.write(data.tobytes())
-                n += len(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-    fsync_dir(path.parent)
-    return n
+    """Write a whole new matrix file from (b, d) blocks, atomically; returns its rows. The
+    caller points the catalog at it (then it is in use) and deletes the old one."""
+    written = 0
+
+    def write(f: IO[bytes]) -> None:
+        nonlocal written
+        for block in blocks:
+            data = np.ascontiguousarray(block, DTYPE).reshape(-1, dim)
+            f.write(data.tobytes())
+            written += len(data)
+
+    write_atomic(path, write)
+    return written

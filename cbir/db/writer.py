@@ -46,7 +46,7 @@ from cbir.db.manifest import (
     read_manifest,
     write_manifest,
 )
-from cbir.db.matrix import MatrixAppender, generation_of, matrix_name, write_matrix
+from cbir.db.matrix import MATRIX_FILES, MatrixAppender, write_matrix
 from cbir.errors import CbirError, DatabaseError, DatabaseLocked
 from cbir.hashing import image_id_of
 
@@ -258,7 +258,7 @@ class Writer:
         sample_size = min(len(rows), n_lists * ivf.TRAIN_POINTS_PER_LIST)
         sample = np.sort(rng.choice(rows, sample_size, replace=False))
         centroids = ivf.train(matrix.gather(sample), n_lists, seed)
-        ivf.write_centroids(self.db_dir / ivf.ivf_name(generation + 1), centroids)
+        ivf.write_centroids(self.db_dir / ivf.IVF_FILES.name(generation + 1), centroids)
         lists = np.empty(len(rows), np.int64)
         block = 16384
         for start in range(0, len(rows), block):
@@ -270,14 +270,14 @@ class Writer:
 
     def _delete_other_ivfs(self, current: int) -> None:
         for name in os.listdir(self.db_dir):
-            gen = ivf.generation_of(name)
+            gen = ivf.IVF_FILES.generation_of(name)
             if gen is not None and gen != current:
                 (self.db_dir / name).unlink()
 
     def _matrix_appender(self) -> MatrixAppender:
         if self._appender is None:
             generation, committed = self.catalog.matrix_state()
-            self._appender = MatrixAppender(self.db_dir / matrix_name(generation),
+            self._appender = MatrixAppender(self.db_dir / MATRIX_FILES.name(generation),
                                             self.settings.feature_dim, committed)  # fmt: skip
         return self._appender
 
@@ -360,7 +360,7 @@ class Writer:
         generation, _ = self.catalog.matrix_state()
         ids, rows = self.catalog.all_rows()
         old = self.db.matrix()
-        new_path = self.db_dir / matrix_name(generation + 1)
+        new_path = self.db_dir / MATRIX_FILES.name(generation + 1)
         block = 16384
         n = write_matrix(new_path, (old.gather(rows[s : s + block])
                                     for s in range(0, len(rows), block)),
@@ -374,7 +374,7 @@ class Writer:
 
     def _delete_other_matrices(self, current: int) -> None:
         for name in os.listdir(self.db_dir):
-            gen = generation_of(name)
+            gen = MATRIX_FILES.generation_of(name)
             if gen is not None and gen != current:
                 (self.db_dir / name).unlink()
 
@@ -390,7 +390,7 @@ class Writer:
                     new_rows[image_id] = len(new_rows)
                 yield block
 
-        n = write_matrix(self.db_dir / matrix_name(generation + 1), features(),
+        n = write_matrix(self.db_dir / MATRIX_FILES.name(generation + 1), features(),
                          self.settings.feature_dim)  # fmt: skip
         self.catalog.move_rows(new_rows, generation + 1, n)
         if self._appender is not None:
@@ -468,10 +468,11 @@ class Writer:
         generation, committed = self.catalog.matrix_state()
         self._delete_other_matrices(generation)
         self._delete_other_ivfs(self.catalog.ivf_state()[0])
-        if os.path.lexists(self.db_dir / matrix_name(generation)):
+        if os.path.lexists(self.db_dir / MATRIX_FILES.name(generation)):
             self._matrix_appender()  # truncates rows past the committed ones
         elif committed == 0:
-            write_matrix(self.db_dir / matrix_name(generation), iter(()), self.settings.feature_dim)
+            write_matrix(self.db_dir / MATRIX_FILES.name(generation), iter(()),
+                         self.settings.feature_dim)  # fmt: skip
         self._drop_uncommitted_rows()
         self.record_categories(after_crash=True)
 
@@ -589,8 +590,9 @@ def _refuse_foreign_folder(db_dir: Path) -> None:
     if not db_dir.is_dir():
         raise DatabaseError(f"{db_dir} is a file, not a folder for a database")
     others = [n for n in os.listdir(db_dir)
-              if n not in OWN_FILES and not n.startswith(".tmp-") and generation_of(n) is None
-              and ivf.generation_of(n) is None]  # fmt: skip
+              if n not in OWN_FILES and not n.startswith(".tmp-")
+              and MATRIX_FILES.generation_of(n) is None
+              and ivf.IVF_FILES.generation_of(n) is None]  # fmt: skip
     if others:
         raise DatabaseError(f"{db_dir} is a folder of other files ({others[0]}, ...), not a cbir "
                             "database: give a new or empty folder")  # fmt: skip
@@ -616,7 +618,7 @@ def _create_database(db_dir: Path, settings: Settings) -> None:
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
-    write_matrix(db_dir / matrix_name(1), iter(()), settings.feature_dim)
+    write_matrix(db_dir / MATRIX_FILES.name(1), iter(()), settings.feature_dim)
     fsync_dir(db_dir)
     write_manifest(db_dir, Manifest(settings, now_iso(), now_iso()))
 
