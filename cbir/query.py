@@ -15,17 +15,17 @@ import numpy.typing as npt
 from cbir import categories
 from cbir.db import Database, check_compatible, ivf
 from cbir.db.database import CategoryMembers
+from cbir.db.matrix import SCAN_BLOCK_ROWS, SearchMatrix
 from cbir.errors import BadImage, CbirError
 from cbir.features import expand_query
 from cbir.images import DEFAULT_MAX_MEGAPIXELS, load_image
 from cbir.model import Model, get_backbone, load_model, resolve_weights
+from cbir.ranking import Float16Rows, rank
 from cbir.search import (
     DEFAULT_MIN_CANDIDATES,
     DEFAULT_QUERY_EXPANSION,
     Gating,
     choose_categories,
-    scan_top,
-    top_matches,
 )
 
 
@@ -133,9 +133,8 @@ def search(
             nprobe = options.nprobe or max(1, round(len(centroids) * ivf.DEFAULT_PROBE_SHARE))
             lists = ivf.nearest_lists(centroids, feature[None, :], nprobe)[0]
             candidates, rows = db.catalog.rows_of_lists(lists.tolist())
-            best, scores = top_matches(feature, db.matrix().gather(rows), options.n_results,
-                                       options.query_expansion)  # fmt: skip
-            ids, n_searched = candidates[best], len(rows)
+            ids, scores = rank_candidates(db, candidates, rows, feature, options)
+            n_searched = len(rows)
         else:
             method = "exact"
             ids, scores = exhaustive(db, feature, options.n_results, options.query_expansion)
@@ -144,10 +143,24 @@ def search(
         gating = choose_categories(probs, wnids, members, db.settings.top_k,
                                    options.min_candidates, members.sizes)  # fmt: skip
         candidates, rows = db.catalog.rows_of_categories(gating.wnids)
-        features = db.matrix().gather(rows)
-        best, scores = top_matches(feature, features, options.n_results, options.query_expansion)
-        ids, n_searched = candidates[best], len(rows)
+        ids, scores = rank_candidates(db, candidates, rows, feature, options)
+        n_searched = len(rows)
     return QueryResult(path, own, gating, n_searched, tuple(hits(db, ids, scores)), method)
+
+
+def rank_candidates(
+    db: Database,
+    ids: npt.NDArray[np.int64],
+    rows: npt.NDArray[np.int64],
+    query: npt.NDArray[np.float32],
+    options: QueryOptions,
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+    """(ids, cosine scores) of the best of the candidate images (ids (r,), their matrix rows
+    (r,)), best first."""
+    candidates = Float16Rows(db.settings.feature_dim)
+    db.matrix().gather_codes(rows, candidates.buffer(len(rows)))
+    best, scores = rank(candidates, query, options.n_results, options.query_expansion)
+    return ids[best], scores
 
 
 def hits(db: Database, ids: npt.NDArray[np.int64], scores: npt.NDArray[np.float32]) -> list[Hit]:
@@ -177,8 +190,9 @@ def exhaustive(
     keep = first_rows[:expansion]
     expanded = expand_query(query, matrix.gather(keep), first_scores[:expansion])
     ids, rows, _ = _live_top(db, expanded, n + expansion)
+    kept = set(keep.tolist())
     rest = [(i, r) for i, r in zip(ids.tolist(), rows.tolist(), strict=True)
-            if r not in set(keep.tolist())][: max(n - expansion, 0)]  # fmt: skip
+            if r not in kept][: max(n - expansion, 0)]  # fmt: skip
     all_rows = np.array([*keep.tolist(), *(r for _, r in rest)], np.int64)
     all_ids = np.array([*first_ids[:expansion].tolist(), *(i for i, _ in rest)], np.int64)
     scores = matrix.gather(all_rows) @ query.astype(np.float32)
@@ -194,7 +208,7 @@ def _live_top(
     dead = max(matrix.n_rows - db.n_images(), 0)
     want = k + min(dead, 4 * k)
     while True:
-        rows, scores = scan_top(query, matrix.blocks(), want)
+        rows, scores = _scan(matrix, query, want)
         owners = db.catalog.ids_of_rows(rows.tolist())
         live = np.array([r in owners for r in rows.tolist()], bool)
         if live.sum() >= k or want >= matrix.n_rows:
@@ -202,3 +216,22 @@ def _live_top(
             ids = np.array([owners[r] for r in rows.tolist()], np.int64)
             return ids, rows, scores
         want *= 4
+
+
+def _scan(
+    matrix: SearchMatrix, query: npt.NDArray[np.float32], k: int
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+    """Rows and scores of the k rows most similar to `query`, best first: the matrix is read
+    once, a block at a time, and only k candidates are kept between blocks."""
+    block = Float16Rows(matrix.dim)
+    rows, scores = np.zeros(0, np.int64), np.zeros(0, np.float32)
+    for start in range(0, matrix.n_rows, SCAN_BLOCK_ROWS):
+        n = min(SCAN_BLOCK_ROWS, matrix.n_rows - start)
+        matrix.read_codes(start, block.buffer(n))
+        block_scores, positions = block.top(query[None, :], k)
+        found = positions[0] >= 0
+        rows = np.concatenate([rows, positions[0][found] + start])
+        scores = np.concatenate([scores, block_scores[0][found]])
+        order = np.argsort(-scores, kind="stable")[:k]
+        rows, scores = rows[order], scores[order]
+    return rows, scores

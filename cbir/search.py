@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -97,22 +97,3 @@ def _best(scores: npt.NDArray[np.float32], n: int) -> npt.NDArray[np.int64]:
     best = np.sort(np.argpartition(-scores, n - 1)[:n])  # row order, so the stable sort keeps it
     return best[np.argsort(-scores[best], kind="stable")].astype(np.int64)
 
-
-def scan_top(
-    query: npt.NDArray[np.float32],
-    blocks: Iterable[tuple[int, npt.NDArray[np.float32]]],
-    k: int,
-) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
-    """Rows and cosine scores of the k rows most similar to `query` (d,) among blocks
-    (first row, (b, d) rows), best first: one pass, only k candidates kept between blocks."""
-    rows, scores = np.zeros(0, np.int64), np.zeros(0, np.float32)
-    for start, block in blocks:
-        block_scores = block @ query.astype(np.float32)
-        top = _best(block_scores, k)
-        rows = np.concatenate([rows, top + start])
-        scores = np.concatenate([scores, block_scores[top]])
-        if len(rows) > k:
-            keep = _best(scores, k)
-            rows, scores = rows[keep], scores[keep]
-    order = np.argsort(-scores, kind="stable")
-    return rows[order], scores[order]

@@ -58,3 +58,18 @@ def test_a_category_as_large_as_the_budget_needs_no_member_counting():
     gating = choose_categories(probs, ["a", "b"], members, top_k=1, min_candidates=1000,
                                sizes={"a": 1000, "b": 5})  # fmt: skip
     assert gating.wnids == ("a",) and not gating.widened
+
+
+def test_ranking_float16_rows_with_faiss_agrees_with_top_matches():
+    from cbir.ranking import Float16Rows, rank
+
+    rng = np.random.default_rng(3)
+    rows = unit(rng.standard_normal((500, 32)).tolist()).astype(np.float16)
+    query = unit([rng.standard_normal(32).tolist()])[0]
+    index = Float16Rows(32)
+    index.buffer(len(rows))[:] = rows.view(np.uint8)
+    for expansion in (0, 3):
+        got, scores = rank(index, query, 10, expansion)
+        expected, expected_scores = top_matches(query, rows.astype(np.float32), 10, expansion)
+        assert got.tolist() == expected.tolist()
+        np.testing.assert_allclose(scores, expected_scores, atol=1e-5)

@@ -1,16 +1,19 @@
 """Writing a database: the only code that changes its files.
 
 Order of a commit that adds images (each step durable before the next counts on it):
-  copies into category folders -> matrix rows appended past the committed ones -> new
-  category segments (temporary names) -> sync -> segments renamed -> catalog transaction
-  (the commit point: images, their rows, paths, the matrix's committed row count) ->
-  manifest -> merge segments
+  copies into category folders -> matrix rows appended past the committed ones -> sync ->
+  catalog transaction (the commit point: images, their rows and inverted lists, paths, the
+  matrix's committed row count) -> manifest
+Every `record_every` images (16 commits) and at the end of a run, the category files are
+brought up to date: one new segment per category for the images committed since (their rows
+read back from the matrix) -> sync -> renames -> the catalog's recorded_rows -> merges.
 Removing: catalog transaction -> category segments rewritten without the dropped rows ->
 stored copies deleted -> manifest; the matrix keeps dead rows until they outnumber live ones.
 
-A crash at any point leaves a database whose catalog describes a complete state: rows past
-the committed count, segment rows and copies the catalog does not list are invisible to
-readers, and the next writer (seeing the `.writing` marker) removes them before going on.
+A crash at any point leaves a database whose catalog describes a complete state: matrix rows
+past the committed count, segment rows and copies the catalog does not list are invisible to
+readers, and the next writer (seeing the `.writing` marker) removes them and writes the
+category files the crash left behind before going on.
 """
 
 from __future__ import annotations
