@@ -34,7 +34,7 @@ from cbir.db.database import Database
 from cbir.db.files import open_regular, tmp_name, write_atomic
 from cbir.db.manifest import read_manifest
 from cbir.db.matrix import MATRIX_FILES
-from cbir.db.writer import WRITING_NAME, Writer, _copy_new, open_writer
+from cbir.db.writer import WRITING_NAME, Writer, _copy_new, _locked, open_writer
 from cbir.errors import DatabaseError
 from cbir.hashing import image_id_of
 
@@ -51,8 +51,12 @@ def check_database(
     `repair` nothing is written, so read-only media can be checked."""
     db_dir = Path(db_dir)
     if not repair:
-        with Database(db_dir, read_manifest(db_dir)) as db:
-            return _Checker(db, None).run()
+        manifest = read_manifest(db_dir)
+        if not os.access(db_dir, os.W_OK):  # read-only media: nobody can be writing it
+            with Database(db_dir, manifest) as db:
+                return _Checker(db, None).run()
+        with _locked(db_dir, wait, on_wait), Database(db_dir, manifest) as db:
+            return _Checker(db, None).run()  # not while a writer is half-way
     with open_writer(db_dir, wait=wait, on_wait=on_wait, repair_interrupted=False) as writer:
         problems = _Checker(writer.db, writer).run()
         with contextlib.suppress(FileNotFoundError):
