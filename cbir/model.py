@@ -154,6 +154,16 @@ class Model:
             {"gap": np.asarray(gap, np.float32), "gem": np.asarray(gem, np.float32)},
         )
 
+    def describe_in_batches(self, images: list[npt.NDArray[np.uint8]], batch: int) -> Descriptions:
+        """`describe` of (s, s, 3) images, `batch` at a time: a forward pass's memory grows
+        with its batch."""
+        parts = [self.describe(np.stack(images[i : i + batch]))
+                 for i in range(0, len(images), batch)]  # fmt: skip
+        return Descriptions(
+            np.concatenate([p.probs for p in parts]),
+            {k: np.concatenate([p.features[k] for p in parts]) for k in POOLINGS},
+        )
+
 
 @lru_cache(maxsize=4)
 def load_model(

@@ -37,14 +37,23 @@ class Float16Rows:
         return self._faiss.rev_swig_ptr(self.index.codes.data(), n * width).reshape(n, width)
 
     def top(
-        self, queries: npt.NDArray[np.float32], k: int
+        self, queries: npt.NDArray[np.float32], k: int, only: npt.NDArray[np.int64] | None = None
     ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
-        """(scores, positions), each (q, k), best first; positions -1 past the rows held."""
+        """(scores, positions), each (q, k), best first, among all rows or the positions
+        `only`; positions are -1 past the rows searched."""
         queries = np.ascontiguousarray(queries, np.float32).reshape(-1, self.dim)
-        k = max(1, min(k, len(self)))
-        if len(self) == 0:
+        searched = len(self) if only is None else len(only)
+        if searched == 0:
             return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
-        scores, positions = self.index.search(queries, k)
+        k = max(1, min(k, searched))
+        if only is None:
+            scores, positions = self.index.search(queries, k)
+        else:
+            bitmap = np.zeros((len(self) + 7) // 8, np.uint8)
+            np.bitwise_or.at(bitmap, only >> 3, (1 << (only & 7)).astype(np.uint8))
+            selector = self._faiss.IDSelectorBitmap(len(self), self._faiss.swig_ptr(bitmap))
+            params = self._faiss.SearchParameters(sel=selector)
+            scores, positions = self.index.search(queries, k, params=params)
         return scores, positions.astype(np.int64)
 
     def rows(self, positions: npt.NDArray[np.int64]) -> npt.NDArray[np.float32]:
@@ -58,22 +67,28 @@ class Float16Rows:
 
 
 def rank(
-    rows: Float16Rows, query: npt.NDArray[np.float32], n: int, expansion: int
+    rows: Float16Rows,
+    query: npt.NDArray[np.float32],
+    n: int,
+    expansion: int,
+    only: npt.NDArray[np.int64] | None = None,
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
-    """Positions and cosine scores of the n rows most similar to `query` (d,), best first,
-    ranked as `cbir.search.top_matches` ranks: with `expansion` m > 0 the best m keep their
-    places and the rest follow the query averaged with them; scores are cosines to `query`."""
+    """Positions and cosine scores of the n rows (among the positions `only`, or all) most
+    similar to `query` (d,), best first, ranked as `cbir.search.top_matches` ranks: with
+    `expansion` m > 0 the best m keep their places and the rest follow the query averaged
+    with them; scores are cosines to `query`."""
     from cbir.features import expand_query
 
-    if len(rows) == 0 or n <= 0:
+    searched = len(rows) if only is None else len(only)
+    if searched == 0 or n <= 0:
         return np.zeros(0, np.int64), np.zeros(0, np.float32)
-    scores, positions = rows.top(query[None, :], max(n, expansion))
+    scores, positions = rows.top(query[None, :], max(n, expansion), only)
     scores, positions = scores[0], positions[0]
-    if expansion <= 0 or len(rows) <= expansion:
+    if expansion <= 0 or searched <= expansion:
         return positions[:n], scores[:n]
     top, top_scores = positions[:expansion], scores[:expansion]
     expanded = expand_query(query, rows.rows(top), top_scores)
-    _, again = rows.top(expanded[None, :], n + expansion)
+    _, again = rows.top(expanded[None, :], n + expansion, only)
     rest = [p for p in again[0].tolist() if p >= 0 and p not in set(top.tolist())]
     order = np.array([*top.tolist(), *rest[: max(n - expansion, 0)]], np.int64)[:n]
     return order, rows.rows(order) @ np.asarray(query, np.float32)

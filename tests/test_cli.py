@@ -156,3 +156,14 @@ def test_info_and_help_never_import_tensorflow(photos_db):
     assert done.returncode == 0, done.stderr
     done = run_cli("--help")
     assert done.returncode == 0 and "create-db" in done.stdout
+
+
+def test_queries_in_one_batch_rank_as_each_alone(photos_db, capsys):
+    """A batch gathers its categories' rows once (cbir.query.CandidatePool): same answers."""
+    images = [str(p) for p in sorted((TESTDATA / "photos").rglob("*.jpg"))[::5]]
+    options = ["--json", "-n", "8", "--min-candidates", "0"]  # gated: each its own categories
+    together = run_json(capsys, "query", str(photos_db), *images, *options)
+    alone = [run_json(capsys, "query", str(photos_db), image, *options)[0] for image in images]
+    assert [r["results"] for r in together] == [r["results"] for r in alone]
+    assert len({r["searched"] for r in together}) > 1  # they searched different rows
+    assert max(r["searched"] for r in together) < 37  # each only its own categories

@@ -33,7 +33,7 @@ DTYPE = np.dtype("<f2")
 SCAN_BLOCK_ROWS = 16384  # rows read at a time by an exhaustive scan: 42 MB at d = 1280
 # Pages of the map a process may keep after gathering rows: mapped pages count as its memory,
 # so a long check or a server would otherwise come to hold the whole file.
-KEEP_MAPPED_BYTES = 256 << 20
+KEEP_MAPPED_BYTES = 32 << 20
 
 
 MATRIX_FILES = GenerationFiles("matrix-", ".f16")
@@ -88,8 +88,11 @@ class SearchMatrix:
         rows = np.asarray(rows, np.int64)
         if len(rows) and (rows.min() < 0 or rows.max() >= self.n_rows):
             raise damaged(self.path, "the catalog points past the matrix's committed rows")
-        np.take(self._rows.view(np.uint8), rows, axis=0, out=out)
-        self._note_gathered(out.nbytes)
+        codes = self._rows.view(np.uint8)
+        step = max(1, KEEP_MAPPED_BYTES // (2 * self.dim))  # the map's pages go as it goes
+        for start in range(0, len(rows), step):
+            np.take(codes, rows[start : start + step], axis=0, out=out[start : start + step])
+            self._note_gathered(len(rows[start : start + step]) * 2 * self.dim)
 
     def read_codes(self, start: int, out: npt.NDArray[np.uint8]) -> None:
         """Rows start.. start+len(out) as float16 bytes into `out`, with a plain read (a scan
