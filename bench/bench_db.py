@@ -434,7 +434,8 @@ def synthetic(
                       str(queries_file))  # fmt: skip
     bench.log("commits of 1024 images into an empty and into the synthetic database")
     probe: dict[str, float] = {}
-    for key, target, first in (("fresh", bench.work / "probe-empty.db", 0), ("full", db, 3 * n)):
+    probes = (("fresh", bench.work / "probe-empty.db", 4 * n), ("full", db, 3 * n))
+    for key, target, first in probes:
         shutil.rmtree(bench.work / "probe-empty.db", ignore_errors=True)
         probe_record = bench.work / "probe.json"
         bench.run(sys.executable, str(Path(__file__)), "_commit-probe", str(target),
