@@ -107,13 +107,15 @@ def run_queries(
     if loaded:
         described = model.describe_in_batches([pixels for _, pixels in loaded], QUERY_BATCH)
         members = CategoryMembers(db)
-        pool = CandidatePool(db) if len(loaded) > 1 and not options.search_all else None
-        if pool is not None:  # the categories all the queries search, gathered once
-            pool.gather([choose(db, p, members, options).wnids for p in described.probs])
+        pool, gatings = None, [None] * len(loaded)
+        if len(loaded) > 1 and not options.search_all:  # their categories' rows, gathered once
+            gatings = [choose(db, p, members, options) for p in described.probs]
+            pool = CandidatePool(db)
+            pool.gather([g.wnids for g in gatings])
         for i, (path, _) in enumerate(loaded):
             feature = described.features[db.settings.pooling][i]
             outcome[path] = search(db, path, described.probs[i], feature, members, options,
-                                   pool)  # fmt: skip
+                                   pool, gatings[i])  # fmt: skip
     return [outcome[p] for p in query_paths]
 
 
@@ -178,9 +180,11 @@ def search(
     members: CategoryMembers,
     options: QueryOptions,
     pool: CandidatePool | None = None,
+    gating: Gating | None = None,
 ) -> QueryResult:
     """Rank the database for one described query: probs (1000,), feature (d,) unit-norm;
-    `pool`: candidates gathered for a batch of queries (see CandidatePool)."""
+    `pool`: candidates gathered for a batch of queries (see CandidatePool), with `gating`,
+    the categories already chosen for this query."""
     wnids = categories.wnids()
     names = categories.names_by_wnid()
     top = np.argsort(-probs)[: db.settings.top_k]
@@ -201,7 +205,7 @@ def search(
             ids, scores = exhaustive(db, feature, options.n_results, options.query_expansion)
             n_searched = db.n_images()
     else:
-        gating = choose(db, probs, members, options)
+        gating = gating or choose(db, probs, members, options)
         pooled = pool.rank(gating.wnids, feature, options) if pool is not None else None
         if pooled is not None:
             ids, scores, n_searched = pooled
