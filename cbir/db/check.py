@@ -36,7 +36,7 @@ from cbir.db.manifest import read_manifest
 from cbir.db.matrix import MATRIX_FILES
 from cbir.db.writer import WRITING_NAME, Writer, _copy_new, _locked, open_writer
 from cbir.errors import DatabaseError
-from cbir.hashing import image_id_of
+from cbir.hashing import image_id_of, stream_sha256
 
 FEATURE_TOLERANCE = 2e-3  # float16 rounding is below 1e-3 for unit-norm features
 
@@ -424,33 +424,25 @@ def _valid_name(name: str) -> bool:
     return bool(name) and "/" not in name and "\x00" not in name and not name.startswith(".")
 
 
-def _has_content(path: Path, sha256: str, follow: bool) -> bool:
-    """Whether `path` is a regular file (not a link unless `follow`) with this SHA-256."""
-    import hashlib
-
+def _regular_sha256(path: Path, follow: bool) -> str | None:
+    """The SHA-256 of `path` if it is a regular file (not a link unless `follow`), else None."""
     try:
         fd = os.open(path, os.O_RDONLY) if follow else open_regular(path)
     except OSError:
-        return False
+        return None
     with open(fd, "rb") as f:
         if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            return False
-        digest = hashlib.sha256()
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest() == sha256
+            return None
+        return stream_sha256(f)
+
+
+def _has_content(path: Path, sha256: str, follow: bool) -> bool:
+    """Whether `path` is a regular file (not a link unless `follow`) with this SHA-256."""
+    return _regular_sha256(path, follow) == sha256
 
 
 def _sha_of_copy(path: Path, image_id: int) -> str | None:
-    import hashlib
-
-    try:
-        with open(open_regular(path), "rb") as f:
-            digest = hashlib.sha256()
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    except OSError:
-        return None
-    sha = digest.hexdigest()
-    return sha if image_id_of(sha) == image_id else None
+    """The SHA-256 of a stored copy (a regular file, no link) if it is image `image_id`'s."""
+    sha = _regular_sha256(path, follow=False)
+    return sha if sha is not None and image_id_of(sha) == image_id else None
 

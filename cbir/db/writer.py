@@ -40,7 +40,14 @@ from cbir.db.category_files import (
     segments,
 )
 from cbir.db.database import Database
-from cbir.db.files import fsync_dir, load_npz, tmp_name, write_atomic, write_many_atomic
+from cbir.db.files import (
+    GenerationFiles,
+    fsync_dir,
+    load_npz,
+    tmp_name,
+    write_atomic,
+    write_many_atomic,
+)
 from cbir.db.manifest import (
     MANIFEST_NAME,
     Manifest,
@@ -269,11 +276,13 @@ class Writer:
             lists[start : start + block] = ivf.assign(centroids, matrix.gather(part))
         self.catalog.set_lists(zip(rows.tolist(), lists.tolist(), strict=True), generation + 1,
                                len(rows))  # fmt: skip
-        self._delete_other_ivfs(generation + 1)
+        self._delete_other_generations(ivf.IVF_FILES, generation + 1)
 
-    def _delete_other_ivfs(self, current: int) -> None:
+    def _delete_other_generations(self, files: GenerationFiles, current: int) -> None:
+        """Delete the files of `files`' kind other than generation `current` (the one the
+        catalog says is in use)."""
         for name in os.listdir(self.db_dir):
-            gen = ivf.IVF_FILES.generation_of(name)
+            gen = files.generation_of(name)
             if gen is not None and gen != current:
                 (self.db_dir / name).unlink()
 
@@ -342,13 +351,6 @@ class Writer:
         self.compact_if_needed()
         return n_before - self.n_images()
 
-    def drop_images(self, ids: Iterable[int]) -> None:
-        """Forget images whatever paths they have (check --repair)."""
-        done = self.catalog.drop_images(ids)
-        self._n_images = None
-        self._drop_uncommitted_rows(sorted(done.dropped_from))
-        self._write_manifest()
-
     def compact_if_needed(self) -> None:
         """Rewrite the matrix without dead rows once they outnumber the live ones."""
         _, n_rows = self.catalog.matrix_state()
@@ -360,30 +362,14 @@ class Writer:
         """Write the live rows, in their order, as the next generation's matrix file; one
         catalog transaction points every image at its new row; the old file goes."""
         self.record_categories()  # the category files then hold every image: rows may move
-        generation, _ = self.catalog.matrix_state()
         ids, rows = self.catalog.all_rows()
-        old = self.db.matrix()
-        new_path = self.db_dir / MATRIX_FILES.name(generation + 1)
-        block = 16384
-        n = write_matrix(new_path, (old.gather(rows[s : s + block])
-                                    for s in range(0, len(rows), block)),
-                         self.settings.feature_dim)  # fmt: skip
-        self.catalog.move_rows(dict(zip(ids.tolist(), range(n), strict=True)), generation + 1, n)
-        if self._appender is not None:
-            self._appender.close()
-            self._appender = None
-        self.db.close()  # the old matrix's map
-        self._delete_other_matrices(generation + 1)
-
-    def _delete_other_matrices(self, current: int) -> None:
-        for name in os.listdir(self.db_dir):
-            gen = MATRIX_FILES.generation_of(name)
-            if gen is not None and gen != current:
-                (self.db_dir / name).unlink()
+        old, block = self.db.matrix(), 16384
+        self.replace_matrix((ids[s : s + block], old.gather(rows[s : s + block]))
+                            for s in range(0, len(rows), block))  # fmt: skip
 
     def replace_matrix(self, blocks: Iterator[tuple[npt.NDArray[np.int64], np.ndarray]]) -> None:
         """Write a new matrix from (ids (b,), features (b, d)) blocks and point the catalog's
-        images at its rows (check --repair): every image of the catalog must be in it."""
+        images at its rows (compaction, check --repair): every image must be in it."""
         generation, _ = self.catalog.matrix_state()
         new_rows: dict[int, int] = {}
 
@@ -399,8 +385,8 @@ class Writer:
         if self._appender is not None:
             self._appender.close()
             self._appender = None
-        self.db.close()
-        self._delete_other_matrices(generation + 1)
+        self.db.close()  # the old matrix's map
+        self._delete_other_generations(MATRIX_FILES, generation + 1)
 
     # -- committing -------------------------------------------------------------------------
 
@@ -469,8 +455,8 @@ class Writer:
             if name.startswith(".tmp-"):
                 (self.db_dir / name).unlink()
         generation, committed = self.catalog.matrix_state()
-        self._delete_other_matrices(generation)
-        self._delete_other_ivfs(self.catalog.ivf_state()[0])
+        self._delete_other_generations(MATRIX_FILES, generation)
+        self._delete_other_generations(ivf.IVF_FILES, self.catalog.ivf_state()[0])
         if os.path.lexists(self.db_dir / MATRIX_FILES.name(generation)):
             self._matrix_appender()  # truncates rows past the committed ones
         elif committed == 0:
