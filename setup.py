@@ -8,7 +8,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["cbir", "cbir.*"]),
-    package_data={"cbir": ["data/*.json", "data/*.h5"]},
+    package_data={"cbir": ["data/*.json", "data/*.h5", "data/*.html"]},
     install_requires=[
         "numpy>=1.24",
         "scipy>=1.10",
@@ -20,8 +20,14 @@ setup(
         "tensorflow>=2.16",
         "openvino>=2024.0",
         "faiss-cpu>=1.8",  # k-means for the inverted file of large databases (cbir.db.ivf)
+        "fastapi>=0.110",  # cbir serve: routing, validation, OpenAPI
+        "uvicorn>=0.29",  # cbir serve: the ASGI server
+        "python-multipart>=0.0.9",  # cbir serve: image uploads
     ],
-    extras_require={"test": ["pytest>=7"], "dev": ["pytest>=7", "ruff"]},
+    extras_require={
+        "test": ["pytest>=7", "selenium>=4.10"],  # selenium drives Chromium in the page tests
+        "dev": ["pytest>=7", "selenium>=4.10", "ruff"],
+    },
     entry_points={"console_scripts": ["cbir = cbir.cli:main"]},
     scripts=["bin/cbir"],
 )

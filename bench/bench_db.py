@@ -243,12 +243,12 @@ def synthetic_queries(db_dir: Path, queries_file: Path) -> None:
     exact_runs = [timed(QueryOptions(search_all=True, exact=True), f, p)
                   for f, p in zip(features[:5], probs_of[:5], strict=True)]  # fmt: skip
     out["all_exact"] = {"ms": statistics.median(ms for ms, _ in exact_runs)}
-    exact_top = [[h.image_id for h in r.hits] for _, r in exact_runs]
+    exact_top = [[h.id for h in r.hits] for _, r in exact_runs]
     out["recall_at_10"] = {}
     for share in (1 / 64, 1 / 32, 1 / 16):
         nprobe = max(1, round(n_lists * share))
         options = QueryOptions(search_all=True, nprobe=nprobe, query_expansion=3)
-        found = [[h.image_id for h in timed(options, f, p)[1].hits]
+        found = [[h.id for h in timed(options, f, p)[1].hits]
                  for f, p in zip(features[:5], probs_of[:5], strict=True)]  # fmt: skip
         pairs = zip(found, exact_top, strict=True)
         recall = np.mean([len(set(a) & set(b)) / len(b) for a, b in pairs])

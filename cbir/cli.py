@@ -292,6 +292,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("db_dir", type=Path)
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_info)
+
+    p = commands.add_parser(
+        "serve",
+        help="a web page and a JSON API over a database (model loaded once)",
+        description="Serve a search page at / and a JSON API under /api (OpenAPI at "
+        "/openapi.json). Read-only; serves only images the catalog lists.",
+    )
+    p.add_argument("db_dir", type=Path)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="0: any free port (default: 8000)")
+    p.add_argument("--max-upload-mb", type=float, default=20.0,
+                   help="larger query uploads get HTTP 413 (default: 20)")
+    p.add_argument("--weights", help="the weights FILE, for a database built with one")
+    engine_options(p)
+    p.set_defaults(handler=cmd_serve)
     return parser
 
 
@@ -408,6 +424,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_query(args: argparse.Namespace) -> int:
+    from cbir.api import result_json
     from cbir.query import QueryOptions, open_for_query, run_queries
 
     if args.n_results < 1:
@@ -431,7 +448,7 @@ def cmd_query(args: argparse.Namespace) -> int:
             continue
         results.append(outcome)
         if args.json:
-            print(json.dumps(_result_json(outcome), ensure_ascii=False))
+            print(json.dumps(result_json(outcome, shown), ensure_ascii=False))
         else:
             _print_table(outcome)
     if plot and results:
@@ -483,20 +500,6 @@ def _plot_target(path: Path) -> Path:
     return path
 
 
-def _result_json(result) -> dict:  # noqa: ANN001
-    return {
-        "query": shown(result.query_path),
-        "categories": [{"id": c.wnid, "name": c.name, "prob": round(c.prob, 6)}
-                       for c in result.categories],
-        "searched_categories": list(result.gating.wnids),
-        "searched": result.n_searched,
-        "search": result.method,
-        "results": [{"path": shown(h.path), "score": round(h.score, 6), "id": h.image_id,
-                     "categories": list(h.wnids), "paths": [shown(p) for p in h.paths]}
-                    for h in result.hits],
-    }  # fmt: skip
-
-
 def _print_table(result) -> None:  # noqa: ANN001
     from cbir import categories
 
@@ -518,22 +521,11 @@ def _print_table(result) -> None:  # noqa: ANN001
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from cbir import categories
-    from cbir.db import FORMAT_VERSION, Database
+    from cbir.api import open_db
 
-    db = Database.open(args.db_dir)
-    sizes = sorted(db.category_sizes().items(), key=lambda kv: (-kv[1], kv[0]))
-    s = db.settings
-    info = {
-        "db": str(args.db_dir), "backbone": s.backbone, "weights": s.weights,
-        "feature_dim": s.feature_dim, "pooling": s.pooling, "top_k": s.top_k, "link": s.link,
-        "engine": s.engine, "precision": s.precision, "resize": s.resize,
-        "format_version": FORMAT_VERSION, "created": db.manifest.created,
-        "updated": db.manifest.updated, "images": db.n_images(),
-        "paths": db.n_paths(), "disk_bytes": db.disk_bytes(),
-        "categories": [{"id": w, "name": categories.names_by_wnid()[w], "images": n}
-                       for w, n in sizes],
-    }  # fmt: skip
+    with open_db(args.db_dir) as db:
+        info = db.info()
+    sizes = info["categories"]
     if args.json:
         print(json.dumps(info, ensure_ascii=False))
         return 0
@@ -543,10 +535,35 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"{key:>14}: {info[key]}")
     print(f"{'disk':>14}: {info['disk_bytes'] / 1e6:.1f} MB")
     print(f"{'categories':>14}: {len(sizes)}")
-    for c in info["categories"][:20]:
+    for c in sizes[:20]:
         print(f"{c['images']:>14}  {c['id']} {c['name']}")
     if len(sizes) > 20:
         print(f"{'':>14}  ... {len(sizes) - 20} more (--json lists all)")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from cbir.api import open_db
+
+    if not 0 <= args.port <= 65535:
+        raise CbirError("--port must be between 0 and 65535")
+    if args.max_upload_mb <= 0:
+        raise CbirError("--max-upload-mb must be more than 0")
+    from cbir.server import serve
+
+    if args.host not in ("127.0.0.1", "::1", "localhost"):
+        _say(f"warning: serving on {args.host}: anyone who can reach it can search the "
+             "database and see its images")  # fmt: skip
+
+    def ready(url: str) -> None:
+        print(f"serving {shown(args.db_dir)} at {url}", flush=True)
+
+    db = open_db(args.db_dir, weights=args.weights, engine=args.engine, precision=args.precision)
+    with db:
+        try:
+            serve(db, args.host, args.port, int(args.max_upload_mb * 1024 * 1024), ready)
+        except KeyboardInterrupt:
+            pass
     return 0
 
 

@@ -162,6 +162,26 @@ def load_image(
     match. Damage Pillow works around (corrupt EXIF data) is appended to `warned`.
     Raises BadImage (or ImageTooLarge) with the reason; never returns a partial image.
     """
+    rgb = decode_rgb(path, size, data, max_megapixels, warned)
+    return model_input(rgb, size, resize)
+
+
+def model_input(rgb: Image.Image, size: int, resize: str = DEFAULT_RESIZE) -> npt.NDArray[np.uint8]:
+    """An RGB image shrunk (whole, no crop) to the model's (size, size, 3) uint8 input."""
+    rgb = rgb.resize((size, size), RESIZE_FILTERS[resize], reducing_gap=3.0)
+    return np.asarray(rgb, dtype=np.uint8)
+
+
+def decode_rgb(
+    path: Path,
+    draft_side: int,
+    data: bytes | None = None,
+    max_megapixels: float = DEFAULT_MAX_MEGAPIXELS,
+    warned: list[str] | None = None,
+) -> Image.Image:
+    """The upright 8-bit RGB image in `path` (or `data`), JPEGs decoded at the smallest DCT
+    scale that keeps `draft_side` pixels; every guard of indexing applies (pixel limit,
+    decode memory, bombs, damage). Raises BadImage with the reason."""
     _collecting.warnings = [] if warned is None else warned
     try:
         if data is None:
@@ -173,16 +193,14 @@ def load_image(
             if pixels > max_megapixels * 1e6:
                 raise ImageTooLarge(path, pixels, int(max_megapixels * 1e6))
             if im.format == "JPEG":
-                im.draft("RGB", (size, size))  # decode at a reduced scale: much faster
+                im.draft("RGB", (draft_side, draft_side))  # decode at a reduced scale: faster
             needed = im.width * im.height * (_BYTES_PER_PIXEL.get(im.mode, 4) + 3)
             if needed > MAX_DECODE_BYTES:
                 raise BadImage(path, f"{im.width}x{im.height} would need {needed >> 20} MB to "
                                      f"decode, over the {MAX_DECODE_BYTES >> 20} MB limit "
                                      "(possible decompression bomb)")  # fmt: skip
             im.load()
-            rgb = _to_rgb(ImageOps.exif_transpose(im))
-            rgb = rgb.resize((size, size), RESIZE_FILTERS[resize], reducing_gap=3.0)
-            return np.asarray(rgb, dtype=np.uint8)
+            return _to_rgb(ImageOps.exif_transpose(im))
     except MemoryError as exc:
         raise BadImage(path, "not enough memory to decode it") from exc
     except UnidentifiedImageError as exc:
@@ -195,11 +213,13 @@ def load_image(
         _collecting.warnings = None
 
 
-def open_display_image(path: Path, max_side: int = 512) -> Image.Image:
-    """An upright RGB copy of `path`, at most `max_side` pixels on its long side, for plots."""
-    with Image.open(path) as im:
-        im.draft("RGB", (max_side, max_side))
-        rgb = _to_rgb(ImageOps.exif_transpose(im))
+def thumbnail(
+    path: Path, max_side: int, data: bytes | None = None,
+    max_megapixels: float = DEFAULT_MAX_MEGAPIXELS,
+) -> Image.Image:
+    """An upright RGB copy at most `max_side` pixels on its long side (plots, the web page),
+    decoded with the guards of `decode_rgb`."""
+    rgb = decode_rgb(path, max_side, data, max_megapixels)
     rgb.thumbnail((max_side, max_side))
     return rgb
 

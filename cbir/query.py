@@ -6,7 +6,7 @@ once, in blocks. Either way a hit's source paths come from the catalog, never fr
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -42,8 +42,8 @@ class Category:
 class Hit:
     path: str  # the image's first source path (its stored copy if the catalog lost them)
     score: float  # cosine similarity to the query
-    image_id: int
-    wnids: tuple[str, ...]  # the categories it is stored in
+    id: int  # the image's id in the catalog (from its content hash)
+    categories: tuple[str, ...]  # wnids of the categories it is stored in, most probable first
     stored_path: Path  # its copy in the database
     paths: tuple[str, ...]  # every source path of its content
 
@@ -76,18 +76,25 @@ def open_for_query(
 ) -> tuple[Database, Model]:
     """Open the database and load its model; another backbone or weights is refused."""
     db = Database.open(db_dir)
+    return db, open_model(db, backbone, weights, options.engine, options.precision)
+
+
+def open_model(
+    db: Database, backbone: str | None, weights: str | None, engine: str, precision: str
+) -> Model:
+    """The model `db` was built with (memoised per process); another one is refused."""
     built_with = db.settings
     backbone = backbone or built_with.backbone
     if weights is None:
         if built_with.weights.startswith("sha256:"):
             raise CbirError(
-                f"{db_dir} was built with a weights file ({built_with.weights}); "
+                f"{db.db_dir} was built with a weights file ({built_with.weights}); "
                 "pass the same file with --weights FILE"
             )
         weights = built_with.weights
     spec = resolve_weights(get_backbone(backbone), weights)
-    check_compatible(db_dir, built_with, backbone, spec.identity)
-    return db, load_model(backbone, weights, options.engine, options.precision)
+    check_compatible(db.db_dir, built_with, backbone, spec.identity)
+    return load_model(backbone, weights, engine, precision)
 
 
 def run_queries(
@@ -95,7 +102,7 @@ def run_queries(
 ) -> list[QueryResult | BadImage]:
     """One result per query image; a query that cannot be decoded gives its BadImage."""
     size = model.backbone.input_size
-    loaded: list[tuple[Path, np.ndarray]] = []
+    loaded: list[tuple[Path, npt.NDArray[np.uint8]]] = []
     outcome: dict[Path, QueryResult | BadImage] = {}
     for path in query_paths:
         try:
@@ -104,19 +111,51 @@ def run_queries(
             loaded.append((path, pixels))
         except BadImage as bad:
             outcome[path] = bad
-    if loaded:
-        described = model.describe_in_batches([pixels for _, pixels in loaded], QUERY_BATCH)
+    for (path, _), result in zip(loaded, search_pixels(db, model, loaded, options), strict=True):
+        outcome[path] = result
+    return [outcome[p] for p in query_paths]
+
+
+def search_pixels(
+    db: Database, model: Model, loaded: list[tuple[Path, npt.NDArray[np.uint8]]],
+    options: QueryOptions,
+) -> list[QueryResult]:
+    """Describe decoded queries ((name, (s, s, 3) uint8) pairs) and rank the database for
+    each, all against one committed state of the catalog."""
+    if not loaded:
+        return []
+    described = model.describe_in_batches([pixels for _, pixels in loaded], QUERY_BATCH)
+    with db.catalog.snapshot():
         members = CategoryMembers(db)
         pool, gatings = None, [None] * len(loaded)
         if len(loaded) > 1 and not options.search_all:  # their categories' rows, gathered once
             gatings = [choose(db, p, members, options) for p in described.probs]
             pool = CandidatePool(db)
             pool.gather([g.wnids for g in gatings])
-        for i, (path, _) in enumerate(loaded):
-            feature = described.features[db.settings.pooling][i]
-            outcome[path] = search(db, path, described.probs[i], feature, members, options,
-                                   pool, gatings[i])  # fmt: skip
-    return [outcome[p] for p in query_paths]
+        return [search(db, path, described.probs[i], described.features[db.settings.pooling][i],
+                       members, options, pool, gatings[i])
+                for i, (path, _) in enumerate(loaded)]  # fmt: skip
+
+
+def search_like(db: Database, image_id: int, options: QueryOptions) -> QueryResult | None:
+    """"More like this": rank the database for an image it holds, by its stored feature and
+    categories (no decoding, no model), leaving the image itself out. None if not held."""
+    with db.catalog.snapshot():
+        record = db.image(image_id)
+        if record is None:
+            return None
+        feature = db.matrix().gather(np.array([record.row]))[0]
+        feature /= max(float(np.linalg.norm(feature)), 1e-12)
+        probs = np.zeros(len(categories.wnids()), np.float32)
+        index = {w: i for i, w in enumerate(categories.wnids())}
+        for wnid, prob in zip(record.wnids, record.probs, strict=True):
+            probs[index[wnid]] = prob
+        wider = replace(options, n_results=options.n_results + 1)
+        sources = db.paths_of(image_id)
+        label = Path(sources[0]) if sources else db.stored_path(record)
+        result = search(db, label, probs, feature, CategoryMembers(db), wider)
+    hits = tuple(h for h in result.hits if h.id != image_id)[: options.n_results]
+    return replace(result, hits=hits, n_searched=max(result.n_searched - 1, 0))
 
 
 class CandidatePool:

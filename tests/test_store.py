@@ -236,7 +236,7 @@ def test_an_inverted_file_is_trained_at_size_and_answers_all_queries(tmp_path, m
             exact = search(d, image.source_path, probs, image.feature, members,
                            QueryOptions(n_results=5, search_all=True, exact=True))  # fmt: skip
             assert approximate.method == "ivf" and exact.method == "exact"
-            assert approximate.hits[0].image_id == exact.hits[0].image_id == image.image_id
+            assert approximate.hits[0].id == exact.hits[0].id == image.image_id
             assert approximate.n_searched < exact.n_searched == 370
     (db / "ivf-1.npz").unlink()  # check names it; repair trains it again
     assert any("ivf-1.npz is missing" in p for p in check_database(db))

@@ -371,6 +371,25 @@ class Catalog:
         array = np.array(pairs, np.int64).reshape(len(pairs), 2)
         return array[:, 0].copy(), array[:, 1].copy()
 
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """Reads inside see one committed state: a commit or compaction by a writer beside
+        this reader (a server while `cbir add` runs) waits until the block ends. Meant for
+        one query (milliseconds): other threads using this catalog wait too."""
+        with self._lock:
+            if self._conn.in_transaction:  # nested: the outer snapshot holds
+                yield
+                return
+            try:
+                self._conn.execute("BEGIN")
+                self._conn.execute("SELECT count(*) FROM meta").fetchall()  # take the lock now
+            except sqlite3.DatabaseError as exc:
+                raise damaged(self.path, exc) from exc
+            try:
+                yield
+            finally:
+                self._conn.execute("COMMIT")
+
     # -- writing (the writer only) ----------------------------------------------------------
 
     @contextlib.contextmanager

@@ -1,0 +1,341 @@
+"""The Python API: the small front that the CLI, the server and the tests use.
+
+    import cbir
+
+    cbir.create_db("photos", "photos.db", model="efficientnet_lite0")
+    db = cbir.open_db("photos.db")
+    result = db.query("holiday.jpg", n=5)
+    for hit in result.hits:
+        print(hit.score, hit.path, hit.id, hit.categories)
+
+Options are given once: an existing database supplies its own settings (backbone, weights,
+top-k, pooling, link) and refuses others. The model loads on the first query that needs it and
+stays loaded (once per process, whatever the number of opened databases).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+import numpy.typing as npt
+from PIL import Image
+
+from cbir import categories
+from cbir.db import FORMAT_VERSION, Database
+from cbir.errors import BadImage, CbirError
+from cbir.images import DEFAULT_MAX_MEGAPIXELS, decode_rgb, model_input
+from cbir.indexing import Callbacks, IndexOptions, IndexReport, Removal, index_paths
+from cbir.indexing import remove_sources as _remove_sources
+from cbir.indexing import sync as _sync
+from cbir.query import Hit, QueryOptions, QueryResult, search_like, search_pixels
+from cbir.search import DEFAULT_MIN_CANDIDATES, DEFAULT_QUERY_EXPANSION
+
+__all__ = ["ImageDatabase", "Hit", "QueryResult", "IndexReport", "Removal", "create_db",
+           "open_db", "result_json"]  # fmt: skip
+
+# What a query may be: a file's path, its bytes, an (h, w, 3) or (h, w) uint8 array, or a
+# Pillow image.
+ImageInput = Union[str, os.PathLike, bytes, npt.NDArray[np.uint8], Image.Image]
+
+
+def create_db(
+    source: str | os.PathLike | Sequence[str | os.PathLike],
+    db_dir: str | os.PathLike,
+    *,
+    model: str | None = None,
+    weights: str | None = None,
+    top_k: int | None = None,
+    link: str | None = None,
+    pooling: str | None = None,
+    engine: str = "auto",
+    precision: str = "auto",
+    on_skip: Callable[[BadImage], None] | None = None,
+) -> IndexReport:
+    """Index every image under `source` (a folder, or several paths) into `db_dir`, creating
+    it if needed. Settings left None are the database's own, else the defaults
+    (inception_resnet_v2, ImageNet weights, top-4, copies)."""
+    sources = [source] if isinstance(source, (str, os.PathLike)) else list(source)
+    options = IndexOptions(backbone=model, weights=weights, top_k=top_k, link=link,
+                           pooling=pooling, engine=engine, precision=precision)  # fmt: skip
+    callbacks = Callbacks(on_skip=on_skip) if on_skip else None
+    return index_paths(Path(db_dir), [Path(s) for s in sources], options, callbacks)
+
+
+def open_db(
+    db_dir: str | os.PathLike,
+    *,
+    weights: str | None = None,
+    engine: str = "auto",
+    precision: str = "auto",
+) -> ImageDatabase:
+    """Open an existing database. `weights`: the weights file a database built with one
+    needs for queries (it is recorded by its hash only)."""
+    return ImageDatabase(Database.open(Path(db_dir)), weights, engine, precision)
+
+
+@dataclass(frozen=True)
+class CategoryInfo:
+    id: str  # the ImageNet wnid, e.g. "n02124075"
+    name: str  # e.g. "Egyptian_cat"
+    images: int  # how many images are stored in it
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    id: int
+    path: str  # its first source path
+    paths: tuple[str, ...]  # every source path of its content
+    categories: tuple[str, ...]  # wnids, most probable first
+    probs: tuple[float, ...]  # their probabilities
+
+
+class ImageDatabase:
+    """An opened database. Safe to share between threads (calls take turns); `close()` or
+    `with` releases its files. Each call sees the database as last committed, so images a
+    `cbir add` beside it commits are found without reopening."""
+
+    def __init__(self, db: Database, weights: str | None, engine: str, precision: str) -> None:
+        self._db = db
+        self._weights = weights
+        self._engine = engine
+        self._precision = precision
+        self._model: Any = None
+        self._lock = threading.RLock()
+
+    def __enter__(self) -> ImageDatabase:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @property
+    def db_dir(self) -> Path:
+        return self._db.db_dir
+
+    @property
+    def database(self) -> Database:
+        """The reader underneath (cbir.db), for what this front does not offer."""
+        return self._db
+
+    def model(self) -> Any:
+        """The database's own model (cbir.model.Model), loaded on first use."""
+        from cbir.query import open_model
+
+        with self._lock:
+            if self._model is None:
+                self._model = open_model(self._db, None, self._weights, self._engine,
+                                         self._precision)  # fmt: skip
+            return self._model
+
+    # -- searching --------------------------------------------------------------------------
+
+    def query(
+        self,
+        image: ImageInput,
+        n: int = 10,
+        all: bool = False,  # noqa: A002 (the CLI's --all)
+        *,
+        exact: bool = False,
+        min_candidates: int = DEFAULT_MIN_CANDIDATES,
+        query_expansion: int = DEFAULT_QUERY_EXPANSION,
+        max_megapixels: float = DEFAULT_MAX_MEGAPIXELS,
+        name: str | None = None,
+    ) -> QueryResult:
+        """The n images most similar to `image`, best first. `all`: search every category
+        (approximately on a database large enough to have an inverted file, unless `exact`).
+        Raises BadImage (a CbirError) if the image cannot be decoded."""
+        options = _options(n, all, exact, min_candidates, query_expansion, max_megapixels)
+        label, pixels = self._decoded(image, name, options)
+        with self._lock:
+            return search_pixels(self._db, self.model(), [(label, pixels)], options)[0]
+
+    def query_many(
+        self, images: Iterable[ImageInput], n: int = 10, all: bool = False, **kwargs: Any  # noqa: A002
+    ) -> list[QueryResult | BadImage]:
+        """`query` for several images at once (their shared categories are read once); an
+        image that cannot be decoded gives its BadImage in its place."""
+        options = _options(n, all, **kwargs)
+        decoded: list[tuple[Path, npt.NDArray[np.uint8]] | BadImage] = []
+        for image in images:
+            try:
+                decoded.append(self._decoded(image, None, options))
+            except BadImage as bad:
+                decoded.append(bad)
+        good = [d for d in decoded if not isinstance(d, BadImage)]
+        with self._lock:
+            found = iter(search_pixels(self._db, self.model(), good, options))
+        return [d if isinstance(d, BadImage) else next(found) for d in decoded]
+
+    def query_id(
+        self, image_id: int, n: int = 10, all: bool = False, **kwargs: Any  # noqa: A002
+    ) -> QueryResult:
+        """"More like this": the n images most similar to one the database holds (by its
+        stored feature: nothing is decoded), itself left out. KeyError if it is not held."""
+        options = _options(n, all, **kwargs)
+        with self._lock:
+            result = search_like(self._db, image_id, options)
+        if result is None:
+            raise KeyError(image_id)
+        return result
+
+    def _decoded(
+        self, image: ImageInput, name: str | None, options: QueryOptions
+    ) -> tuple[Path, npt.NDArray[np.uint8]]:
+        size = self.model().backbone.input_size
+        resize = self._db.settings.resize
+        if isinstance(image, (str, os.PathLike)):
+            path = Path(image)
+            return path, model_input(decode_rgb(path, size, None, options.max_megapixels),
+                                     size, resize)  # fmt: skip
+        label = Path(name or "<image>")
+        if isinstance(image, bytes):
+            return label, model_input(decode_rgb(label, size, image, options.max_megapixels),
+                                      size, resize)  # fmt: skip
+        if isinstance(image, Image.Image):
+            return label, model_input(image.convert("RGB"), size, resize)
+        array = np.asarray(image)
+        if array.dtype != np.uint8 or array.ndim not in (2, 3) or (
+            array.ndim == 3 and array.shape[2] != 3
+        ):  # fmt: skip
+            raise CbirError(f"a query array must be (h, w, 3) or (h, w) uint8, not "
+                            f"{array.shape} {array.dtype}")  # fmt: skip
+        return label, model_input(Image.fromarray(array).convert("RGB"), size, resize)
+
+    # -- changing it ------------------------------------------------------------------------
+
+    def add(self, paths: Sequence[str | os.PathLike], **options: Any) -> IndexReport:
+        """Index more files or folders, with the database's own settings."""
+        return index_paths(self.db_dir, [Path(p) for p in paths],
+                           IndexOptions(engine=self._engine, precision=self._precision,
+                                        weights=self._weights, **options))  # fmt: skip
+
+    def remove(self, paths: Sequence[str | os.PathLike]) -> Removal:
+        """Forget these source files (or every file under these folders)."""
+        return _remove_sources(self.db_dir, [Path(p) for p in paths])
+
+    def sync(self) -> Removal:
+        """Forget source paths that no longer exist."""
+        return _sync(self.db_dir)
+
+    # -- looking at it ----------------------------------------------------------------------
+
+    def info(self) -> dict[str, Any]:
+        """What `cbir info --json` prints: settings, counts, disk use, categories."""
+        db, s = self._db, self._db.settings
+        with self._lock, db.catalog.snapshot():
+            counts = {"images": db.n_images(), "paths": db.n_paths()}
+            cats = self.categories()
+        return {
+            "db": str(db.db_dir), "backbone": s.backbone, "weights": s.weights,
+            "feature_dim": s.feature_dim, "pooling": s.pooling, "top_k": s.top_k,
+            "link": s.link, "engine": s.engine, "precision": s.precision, "resize": s.resize,
+            "format_version": FORMAT_VERSION, "created": db.manifest.created,
+            "updated": db.manifest.updated, **counts, "disk_bytes": db.disk_bytes(),
+            "categories": [{"id": c.id, "name": c.name, "images": c.images} for c in cats],
+        }  # fmt: skip
+
+    def categories(self) -> list[CategoryInfo]:
+        """The database's categories, largest first."""
+        names = categories.names_by_wnid()
+        with self._lock:
+            sizes = self._db.category_sizes()
+        ordered = sorted(sizes.items(), key=lambda kv: (-kv[1], kv[0]))
+        return [CategoryInfo(w, names[w], n) for w, n in ordered]
+
+    def category_images(self, wnid: str, offset: int = 0, limit: int = 60) -> tuple[int, list[ImageInfo]]:
+        """(how many images category `wnid` holds, `limit` of them from `offset`, by id).
+        KeyError for a category the database does not have."""
+        with self._lock, self._db.catalog.snapshot():
+            if wnid not in self._db.category_sizes():
+                raise KeyError(wnid)
+            members = self._db.members(wnid)
+            page = [self._image(int(i)) for i in members[offset : offset + limit]]
+        return len(members), [p for p in page if p is not None]
+
+    def image(self, image_id: int) -> ImageInfo | None:
+        with self._lock:
+            return self._image(image_id)
+
+    def _image(self, image_id: int) -> ImageInfo | None:
+        record = self._db.image(image_id)
+        if record is None:
+            return None
+        paths = tuple(self._db.paths_of(image_id))
+        first = paths[0] if paths else str(self._db.stored_path(record))
+        return ImageInfo(image_id, first, paths, record.wnids, record.probs)
+
+    def image_bytes(self, image_id: int) -> tuple[str, bytes] | None:
+        """(file name, content) of an image the catalog lists: its stored copy, read without
+        following a link (a symlinked database: its first source file that still exists);
+        None if the catalog does not list it or its file is gone. A request's text never
+        becomes a path: only the catalog's names do."""
+        with self._lock:
+            record = self._db.image(image_id)
+            if record is None:
+                return None
+            sources = self._db.paths_of(image_id)
+            stored = self._db.stored_path(record)
+        candidates = [Path(p) for p in sources] if self._db.settings.link == "symlink" else []
+        if not os.path.islink(stored.parent):
+            candidates.insert(0, stored)
+        for path in candidates:
+            data = _read_no_follow(path)
+            if data is not None:
+                return record.stored_name, data
+        return None
+
+
+def _options(
+    n: int,
+    search_all: bool,
+    exact: bool = False,
+    min_candidates: int = DEFAULT_MIN_CANDIDATES,
+    query_expansion: int = DEFAULT_QUERY_EXPANSION,
+    max_megapixels: float = DEFAULT_MAX_MEGAPIXELS,
+) -> QueryOptions:
+    if n < 1:
+        raise CbirError("n must be at least 1")
+    return QueryOptions(n_results=n, search_all=search_all, exact=exact,
+                        min_candidates=min_candidates, query_expansion=query_expansion,
+                        max_megapixels=max_megapixels)  # fmt: skip
+
+
+def _read_no_follow(path: Path) -> bytes | None:
+    """A regular file's bytes, or None if it is missing, a link or not a regular file."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0))
+    except OSError:
+        return None
+    try:
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                return None
+            return f.read()
+    except OSError:
+        return None
+
+
+def result_json(result: QueryResult, shown: Callable[[object], str] = str) -> dict[str, Any]:
+    """A query result as one line of `cbir query --json` (paths passed through `shown`)."""
+    return {
+        "query": shown(result.query_path),
+        "categories": [{"id": c.wnid, "name": c.name, "prob": round(c.prob, 6)}
+                       for c in result.categories],
+        "searched_categories": list(result.gating.wnids),
+        "searched": result.n_searched,
+        "search": result.method,
+        "results": [{"path": shown(h.path), "score": round(h.score, 6), "id": h.id,
+                     "categories": list(h.categories), "paths": [shown(p) for p in h.paths]}
+                    for h in result.hits],
+    }  # fmt: skip
