@@ -34,7 +34,7 @@ from cbir.images import DEFAULT_MAX_MEGAPIXELS, decode_rgb, model_input
 from cbir.indexing import Callbacks, IndexOptions, IndexReport, Removal, index_paths
 from cbir.indexing import remove_sources as _remove_sources
 from cbir.indexing import sync as _sync
-from cbir.query import Hit, QueryOptions, QueryResult, search_like, search_pixels
+from cbir.query import Hit, QueryOptions, QueryResult, ResidentMatrix, search_like, search_pixels
 from cbir.search import DEFAULT_MIN_CANDIDATES, DEFAULT_QUERY_EXPANSION
 
 __all__ = ["ImageDatabase", "Hit", "QueryResult", "IndexReport", "Removal", "create_db",
@@ -74,10 +74,13 @@ def open_db(
     weights: str | None = None,
     engine: str = "auto",
     precision: str = "auto",
+    in_memory: bool = False,
 ) -> ImageDatabase:
     """Open an existing database. `weights`: the weights file a database built with one
-    needs for queries (it is recorded by its hash only)."""
-    return ImageDatabase(Database.open(Path(db_dir)), weights, engine, precision)
+    needs for queries (it is recorded by its hash only). `in_memory`: keep the search matrix
+    in memory for fast repeated queries (a server; 2 bytes per image and feature value, and
+    only up to cbir.query.ResidentMatrix.MAX_BYTES)."""
+    return ImageDatabase(Database.open(Path(db_dir)), weights, engine, precision, in_memory)
 
 
 @dataclass(frozen=True)
@@ -101,8 +104,12 @@ class ImageDatabase:
     `with` releases its files. Each call sees the database as last committed, so images a
     `cbir add` beside it commits are found without reopening."""
 
-    def __init__(self, db: Database, weights: str | None, engine: str, precision: str) -> None:
+    def __init__(
+        self, db: Database, weights: str | None, engine: str, precision: str, in_memory: bool
+    ) -> None:
         self._db = db
+        self._in_memory = in_memory
+        self._resident: ResidentMatrix | None = None
         self._weights = weights
         self._engine = engine
         self._precision = precision
@@ -158,7 +165,8 @@ class ImageDatabase:
         options = _options(n, all, exact, min_candidates, query_expansion, max_megapixels)
         label, pixels = self._decoded(image, name, options)
         with self._lock:
-            return search_pixels(self._db, self.model(), [(label, pixels)], options)[0]
+            return search_pixels(self._db, self.model(), [(label, pixels)], options,
+                                 self._matrix_in_memory())[0]  # fmt: skip
 
     def query_many(
         self, images: Iterable[ImageInput], n: int = 10, all: bool = False, **kwargs: Any  # noqa: A002
@@ -174,7 +182,8 @@ class ImageDatabase:
                 decoded.append(bad)
         good = [d for d in decoded if not isinstance(d, BadImage)]
         with self._lock:
-            found = iter(search_pixels(self._db, self.model(), good, options))
+            found = iter(search_pixels(self._db, self.model(), good, options,
+                                       self._matrix_in_memory()))  # fmt: skip
         return [d if isinstance(d, BadImage) else next(found) for d in decoded]
 
     def query_id(
@@ -184,10 +193,29 @@ class ImageDatabase:
         stored feature: nothing is decoded), itself left out. KeyError if it is not held."""
         options = _options(n, all, **kwargs)
         with self._lock:
-            result = search_like(self._db, image_id, options)
+            result = search_like(self._db, image_id, options, self._matrix_in_memory())
         if result is None:
             raise KeyError(image_id)
         return result
+
+    def warm_up(self) -> None:
+        """Load the model and read the search matrix now, not on the first query."""
+        self.model()
+        with self._lock, self._db.catalog.snapshot():
+            resident = self._matrix_in_memory()
+            if resident is not None:
+                resident.refresh(self._db)
+            else:
+                self._db.matrix()
+
+    def _matrix_in_memory(self) -> ResidentMatrix | None:
+        """The resident matrix, where asked for and while the matrix fits its budget."""
+        if not self._in_memory or not ResidentMatrix.fits(self._db):
+            self._resident = None
+            return None
+        if self._resident is None:
+            self._resident = ResidentMatrix(self._db.settings.feature_dim)
+        return self._resident
 
     def _decoded(
         self, image: ImageInput, name: str | None, options: QueryOptions

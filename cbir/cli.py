@@ -452,10 +452,11 @@ def cmd_query(args: argparse.Namespace) -> int:
         else:
             _print_table(outcome)
     if plot and results:
-        from cbir.plotting import plot_results
+        from cbir.plotting import MAX_RESULTS, plot_results
 
-        plot_results(results, plot, n_results=min(args.n_results, 5))
-        print(f"saved plot {shown(plot)}", file=sys.stderr)
+        plot_results(results, plot, n_results=args.n_results)
+        more = f" (the best {MAX_RESULTS} of each query)" if args.n_results > MAX_RESULTS else ""
+        print(f"saved plot {shown(plot)}{more}", file=sys.stderr)
     return 0 if len(results) == len(outcomes) else 1
 
 
@@ -558,7 +559,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     def ready(url: str) -> None:
         print(f"serving {shown(args.db_dir)} at {url}", flush=True)
 
-    db = open_db(args.db_dir, weights=args.weights, engine=args.engine, precision=args.precision)
+    db = open_db(args.db_dir, weights=args.weights, engine=args.engine, precision=args.precision,
+                 in_memory=True)  # fmt: skip
     with db:
         try:
             serve(db, args.host, args.port, int(args.max_upload_mb * 1024 * 1024), ready)

@@ -203,6 +203,8 @@ def decode_rgb(
             return _to_rgb(ImageOps.exif_transpose(im))
     except MemoryError as exc:
         raise BadImage(path, "not enough memory to decode it") from exc
+    except FileNotFoundError as exc:
+        raise BadImage(path, "no such file") from exc
     except UnidentifiedImageError as exc:
         raise BadImage(path, "not an image (unrecognised file format)") from exc
     except Image.DecompressionBombError as exc:

@@ -1,45 +1,119 @@
-"""Figures of queries beside their best results, saved to a file (Agg backend, never shown)."""
+"""Figures of queries beside their best results, saved to a file (Agg backend, never shown).
+
+Each query gets rows of up to RESULTS_PER_ROW results, numbered by rank, with the cosine
+score and as much of the path as tells the shown files apart (two IMG_0001.jpg get their
+folders). Any file name renders: glyphs come from the installed fonts (CJK fonts included,
+when present), and a character no font has is written as its code (\\u732b), never as an
+empty box with a warning.
+"""
 
 from __future__ import annotations
 
+import logging
+import textwrap
+from functools import lru_cache
 from pathlib import Path
 
-from cbir import categories
-from cbir.images import open_display_image
-from cbir.query import QueryResult
+from cbir.errors import BadImage
+from cbir.images import thumbnail
+from cbir.query import Hit, QueryResult
+
+MAX_RESULTS = 20  # results a figure shows per query (-n beyond it: the first 20)
+RESULTS_PER_ROW = 5
+FONT_SIZE = 10
+LABEL_WIDTH = 26  # characters per line of a label
+# Families tried after DejaVu Sans (matplotlib's own) for glyphs it lacks, where installed.
+FALLBACK_FAMILIES = ("Noto Sans CJK JP", "Noto Sans CJK SC", "WenQuanYi Zen Hei",
+                     "WenQuanYi Micro Hei", "Droid Sans Fallback", "AR PL UMing CN",
+                     "Source Han Sans", "Noto Sans", "Noto Sans Symbols2")  # fmt: skip
 
 
-def plot_results(results: list[QueryResult], out_path: Path, n_results: int = 5) -> None:
-    """One row per query: the query image, then its top `n_results` hits with scores."""
+def plot_results(results: list[QueryResult], out_path: Path, n_results: int = 10) -> list[str]:
+    """Save one block of rows per query: the query image, then its best `n_results` hits
+    (at most MAX_RESULTS), RESULTS_PER_ROW to a row. Returns the panels' titles, in order."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    n_cols = 1 + max(1, min(n_results, max((len(r.hits) for r in results), default=1)))
-    fig, axes = plt.subplots(
-        len(results), n_cols, figsize=(2.6 * n_cols, 2.9 * len(results)), squeeze=False
-    )
-    names = categories.names_by_wnid()
-    for row, result in zip(axes, results, strict=True):
-        for ax in row:
+    # "Failed to find font weight normal for WenQuanYi Zen Hei, now using 500": harmless.
+    logging.getLogger("matplotlib.font_manager").setLevel(logging.ERROR)
+    families, covered = _fonts()
+    shown = min(n_results, MAX_RESULTS)
+    blocks = [max(1, -(-min(shown, len(r.hits)) // RESULTS_PER_ROW)) for r in results]
+    n_cols = 1 + min(shown, RESULTS_PER_ROW, max((len(r.hits) for r in results), default=1))
+    n_rows = sum(blocks)
+    titles: list[str] = []
+    with plt.rc_context({"font.family": families, "font.size": FONT_SIZE}):
+        fig, axes = plt.subplots(n_rows, max(n_cols, 2), figsize=(2.9 * max(n_cols, 2),
+                                 3.3 * n_rows), squeeze=False)  # fmt: skip
+        for ax in axes.flat:
             ax.axis("off")
-        top = result.categories[0] if result.categories else None
-        title = f"query: {result.query_path.name}"
-        if top is not None:
-            title += f"\n{top.name} ({top.prob:.2f})"
-        _show(row[0], result.query_path, title, color="tab:blue")
-        for ax, hit in zip(row[1:], result.hits, strict=False):
-            label = f"{hit.score:.3f}  {Path(hit.path).name}\n{names[hit.wnids[0]]}"
-            _show(ax, hit.stored_path if hit.stored_path.exists() else Path(hit.path), label)
-    fig.tight_layout()
-    fig.savefig(out_path, dpi=100)
-    plt.close(fig)
+        row = 0
+        for result, block in zip(results, blocks, strict=True):
+            top = result.categories[0] if result.categories else None
+            title = "query\n" + _wrapped(result.query_path.name, covered)
+            if top is not None:
+                title += f"\npredicted: {top.name.replace('_', ' ')} ({top.prob:.2f})"
+            _show(axes[row][0], result.query_path, title, color="tab:blue")
+            titles.append(title)
+            hits = result.hits[:shown]
+            for rank, (hit, label) in enumerate(zip(hits, hit_labels(hits), strict=True)):
+                ax = axes[row + rank // RESULTS_PER_ROW][1 + rank % RESULTS_PER_ROW]
+                text = f"#{rank + 1}   cosine {hit.score:.3f}\n" + _wrapped(label, covered)
+                _show(ax, hit.stored_path if hit.stored_path.exists() else Path(hit.path), text)
+                titles.append(text)
+            row += block
+        fig.tight_layout()
+        fig.savefig(out_path, dpi=100)
+        plt.close(fig)
+    return titles
+
+
+def hit_labels(hits: tuple[Hit, ...] | list[Hit]) -> list[str]:
+    """Each hit's path, shortened to its last parts, as many as make the labels distinct
+    (a file name alone where that suffices)."""
+    parts = [Path(h.path).parts for h in hits]
+    depth = 1
+    while True:
+        labels = ["/".join(p[-depth:]) for p in parts]
+        if len(set(labels)) == len(labels) or depth >= max((len(p) for p in parts), default=1):
+            break
+        depth += 1
+    return [("…/" if len(p) > depth else "") + label for p, label in zip(parts, labels, strict=True)]
+
+
+def renderable(text: str, covered: frozenset[int]) -> str:
+    """`text` with each character no installed font can draw written as its code point."""
+    return "".join(c if ord(c) in covered or c == "\n" else f"\\u{ord(c):04x}" for c in text)
+
+
+def _wrapped(text: str, covered: frozenset[int]) -> str:
+    return "\n".join(textwrap.wrap(renderable(text, covered), LABEL_WIDTH,
+                                   break_long_words=True, break_on_hyphens=False)[:3])  # fmt: skip
+
+
+@lru_cache(maxsize=1)
+def _fonts() -> tuple[list[str], frozenset[int]]:
+    """(font families to use, in order; the code points they can draw between them)."""
+    from matplotlib import font_manager
+    from matplotlib.ft2font import FT2Font
+
+    installed = {f.name: f.fname for f in font_manager.fontManager.ttflist}
+    families = ["DejaVu Sans", *[f for f in FALLBACK_FAMILIES if f in installed]]
+    covered: set[int] = set()
+    for family in families:
+        path = installed.get(family) or font_manager.findfont(family, fallback_to_default=True)
+        try:
+            covered.update(FT2Font(path).get_charmap())
+        except (OSError, RuntimeError):
+            continue
+    return families, frozenset(covered)
 
 
 def _show(ax, path: Path, title: str, color: str = "black") -> None:  # noqa: ANN001
     try:
-        ax.imshow(open_display_image(path, 256))
-    except OSError:
+        ax.imshow(thumbnail(path, 256))
+    except BadImage:
         ax.text(0.5, 0.5, "(missing)", ha="center", va="center")
-    ax.set_title(title, fontsize=8, color=color)
+    ax.set_title(title, color=color, fontsize=FONT_SIZE, loc="left")

@@ -118,7 +118,7 @@ def run_queries(
 
 def search_pixels(
     db: Database, model: Model, loaded: list[tuple[Path, npt.NDArray[np.uint8]]],
-    options: QueryOptions,
+    options: QueryOptions, resident: ResidentMatrix | None = None,
 ) -> list[QueryResult]:
     """Describe decoded queries ((name, (s, s, 3) uint8) pairs) and rank the database for
     each, all against one committed state of the catalog."""
@@ -126,21 +126,27 @@ def search_pixels(
         return []
     described = model.describe_in_batches([pixels for _, pixels in loaded], QUERY_BATCH)
     with db.catalog.snapshot():
+        if resident is not None:
+            resident.refresh(db)
         members = CategoryMembers(db)
         pool, gatings = None, [None] * len(loaded)
-        if len(loaded) > 1 and not options.search_all:  # their categories' rows, gathered once
+        if len(loaded) > 1 and not options.search_all and resident is None:
             gatings = [choose(db, p, members, options) for p in described.probs]
             pool = CandidatePool(db)
             pool.gather([g.wnids for g in gatings])
         return [search(db, path, described.probs[i], described.features[db.settings.pooling][i],
-                       members, options, pool, gatings[i])
+                       members, options, pool, gatings[i], resident)
                 for i, (path, _) in enumerate(loaded)]  # fmt: skip
 
 
-def search_like(db: Database, image_id: int, options: QueryOptions) -> QueryResult | None:
+def search_like(
+    db: Database, image_id: int, options: QueryOptions, resident: ResidentMatrix | None = None
+) -> QueryResult | None:
     """"More like this": rank the database for an image it holds, by its stored feature and
     categories (no decoding, no model), leaving the image itself out. None if not held."""
     with db.catalog.snapshot():
+        if resident is not None:
+            resident.refresh(db)
         record = db.image(image_id)
         if record is None:
             return None
@@ -153,9 +159,82 @@ def search_like(db: Database, image_id: int, options: QueryOptions) -> QueryResu
         wider = replace(options, n_results=options.n_results + 1)
         sources = db.paths_of(image_id)
         label = Path(sources[0]) if sources else db.stored_path(record)
-        result = search(db, label, probs, feature, CategoryMembers(db), wider)
+        result = search(db, label, probs, feature, CategoryMembers(db), wider, resident=resident)
     hits = tuple(h for h in result.hits if h.id != image_id)[: options.n_results]
     return replace(result, hits=hits, n_searched=max(result.n_searched - 1, 0))
+
+
+class ResidentMatrix:
+    """The whole search matrix held in memory by a long-lived reader (the server), kept in
+    step with commits: new rows are read as they are committed, a compacted matrix is read
+    anew. A query then ranks its categories' rows where they lie (a FAISS selector over the
+    rows) instead of gathering them, and the categories' rows from the catalog are kept
+    until the next commit. On the 60k Fashion-MNIST database this took a warm gated query
+    (22k rows searched) from 133 ms to 38 ms, and one by id from 93 ms to 13 ms (2 cores);
+    it costs 2 d bytes per row (154 MB at 60k, d = 1280), so it is used up to MAX_BYTES."""
+
+    MAX_BYTES = 1 << 30
+
+    def __init__(self, dim: int) -> None:
+        self.rows = Float16Rows(dim)
+        self._generation = -1
+        self._state: tuple[int, int, int] | None = None  # (generation, rows, images)
+        self._by_wnid: dict[str, tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]] = {}
+        self._live: tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]] | None = None
+
+    @classmethod
+    def fits(cls, db: Database) -> bool:
+        return db.catalog.matrix_state()[1] * 2 * db.settings.feature_dim <= cls.MAX_BYTES
+
+    def refresh(self, db: Database) -> None:
+        """Catch up with the committed state (call inside the query's catalog snapshot)."""
+        generation, n_rows = db.catalog.matrix_state()
+        state = (generation, n_rows, db.n_images())
+        if state == self._state:
+            return
+        self._by_wnid.clear()
+        self._live = None
+        have = len(self.rows) if generation == self._generation else 0
+        if n_rows < have:
+            have = 0
+        view = self.rows.buffer(n_rows)
+        matrix = db.matrix()
+        for start in range(have, n_rows, SCAN_BLOCK_ROWS):
+            matrix.read_codes(start, view[start : min(start + SCAN_BLOCK_ROWS, n_rows)])
+        self._generation, self._state = generation, state
+
+    def category_rows(
+        self, db: Database, wnids: tuple[str, ...]
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        """(ids, rows) of the images in any of `wnids`, sorted by row, each once."""
+        for wnid in wnids:
+            if wnid not in self._by_wnid:
+                self._by_wnid[wnid] = db.catalog.rows_of_categories([wnid])
+        if len(wnids) == 1:
+            return self._by_wnid[wnids[0]]
+        ids = np.concatenate([self._by_wnid[w][0] for w in wnids])
+        rows = np.concatenate([self._by_wnid[w][1] for w in wnids])
+        rows, first = np.unique(rows, return_index=True)
+        return ids[first], rows
+
+    def live_rows(self, db: Database) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        """(ids, rows) of every committed image, sorted by row."""
+        if self._live is None:
+            self._live = db.catalog.all_rows()
+        return self._live
+
+    def rank(
+        self,
+        ids: npt.NDArray[np.int64],
+        rows: npt.NDArray[np.int64],
+        query: npt.NDArray[np.float32],
+        options: QueryOptions,
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+        """(ids, scores) of the best of the candidates (ids, their rows sorted), best first."""
+        everything = len(rows) == len(self.rows)
+        best, scores = rank(self.rows, query, options.n_results, options.query_expansion,
+                            None if everything else rows)  # fmt: skip
+        return ids[np.searchsorted(rows, best)], scores
 
 
 class CandidatePool:
@@ -220,10 +299,12 @@ def search(
     options: QueryOptions,
     pool: CandidatePool | None = None,
     gating: Gating | None = None,
+    resident: ResidentMatrix | None = None,
 ) -> QueryResult:
     """Rank the database for one described query: probs (1000,), feature (d,) unit-norm;
     `pool`: candidates gathered for a batch of queries (see CandidatePool), with `gating`,
-    the categories already chosen for this query."""
+    the categories already chosen for this query; `resident`: the matrix in memory, up to
+    date (a server's)."""
     wnids = categories.wnids()
     names = categories.names_by_wnid()
     top = np.argsort(-probs)[: db.settings.top_k]
@@ -237,8 +318,15 @@ def search(
             nprobe = options.nprobe or max(1, round(len(centroids) * ivf.DEFAULT_PROBE_SHARE))
             lists = ivf.nearest_lists(centroids, feature[None, :], nprobe)[0]
             candidates, rows = db.catalog.rows_of_lists(lists.tolist())
-            ids, scores = rank_candidates(db, candidates, rows, feature, options)
+            if resident is not None:  # rows come in row order
+                ids, scores = resident.rank(candidates, rows, feature, options)
+            else:
+                ids, scores = rank_candidates(db, candidates, rows, feature, options)
             n_searched = len(rows)
+        elif resident is not None:
+            method = "exact"
+            ids, scores = resident.rank(*resident.live_rows(db), feature, options)
+            n_searched = db.n_images()
         else:
             method = "exact"
             ids, scores = exhaustive(db, feature, options.n_results, options.query_expansion)
@@ -246,7 +334,11 @@ def search(
     else:
         gating = gating or choose(db, probs, members, options)
         pooled = pool.rank(gating.wnids, feature, options) if pool is not None else None
-        if pooled is not None:
+        if resident is not None:
+            candidates, rows = resident.category_rows(db, gating.wnids)
+            ids, scores = resident.rank(candidates, rows, feature, options)
+            n_searched = len(rows)
+        elif pooled is not None:
             ids, scores, n_searched = pooled
         else:
             candidates, rows = db.catalog.rows_of_categories(gating.wnids)

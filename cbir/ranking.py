@@ -49,8 +49,9 @@ class Float16Rows:
         if only is None:
             scores, positions = self.index.search(queries, k)
         else:
-            bitmap = np.zeros((len(self) + 7) // 8, np.uint8)
-            np.bitwise_or.at(bitmap, only >> 3, (1 << (only & 7)).astype(np.uint8))
+            chosen = np.zeros(len(self), bool)
+            chosen[only] = True
+            bitmap = np.packbits(chosen, bitorder="little")
             selector = self._faiss.IDSelectorBitmap(len(self), self._faiss.swig_ptr(bitmap))
             params = self._faiss.SearchParameters(sel=selector)
             scores, positions = self.index.search(queries, k, params=params)

@@ -266,8 +266,7 @@ def serve(
     (port 0: the port the system chose)."""
     import uvicorn
 
-    db.model()
-    db.database.matrix()
+    db.warm_up()
     app = create_app(db, max_upload_bytes)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
