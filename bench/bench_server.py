@@ -80,7 +80,7 @@ def measure(bench: Bench, db: Path, images: list[Path]) -> dict[str, Any]:
             rng = random.Random(seed)
             for _ in range(PER_CLIENT):
                 name, data = rng.choice(uploads)
-                elapsed = timed(lambda: server.upload("/api/query", data, name))
+                elapsed = timed(lambda d=data, m=name: server.upload("/api/query", d, m))
                 with lock:
                     concurrent.append(elapsed)
 

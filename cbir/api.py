@@ -21,7 +21,7 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -34,7 +34,16 @@ from cbir.images import DEFAULT_MAX_MEGAPIXELS, decode_rgb, model_input
 from cbir.indexing import Callbacks, IndexOptions, IndexReport, Removal, index_paths
 from cbir.indexing import remove_sources as _remove_sources
 from cbir.indexing import sync as _sync
-from cbir.query import Hit, QueryOptions, QueryResult, ResidentMatrix, search_like, search_pixels
+from cbir.query import (
+    DecodedQuery,
+    Hit,
+    QueryOptions,
+    QueryResult,
+    ResidentMatrix,
+    content_id,
+    search_like,
+    search_pixels,
+)
 from cbir.search import DEFAULT_MIN_CANDIDATES, DEFAULT_QUERY_EXPANSION
 
 __all__ = ["ImageDatabase", "Hit", "QueryResult", "IndexReport", "Removal", "create_db",
@@ -42,7 +51,7 @@ __all__ = ["ImageDatabase", "Hit", "QueryResult", "IndexReport", "Removal", "cre
 
 # What a query may be: a file's path, its bytes, an (h, w, 3) or (h, w) uint8 array, or a
 # Pillow image.
-ImageInput = Union[str, os.PathLike, bytes, npt.NDArray[np.uint8], Image.Image]
+ImageInput = str | os.PathLike | bytes | npt.NDArray[np.uint8] | Image.Image
 
 
 def create_db(
@@ -157,15 +166,20 @@ class ImageDatabase:
         min_candidates: int = DEFAULT_MIN_CANDIDATES,
         query_expansion: int = DEFAULT_QUERY_EXPANSION,
         max_megapixels: float = DEFAULT_MAX_MEGAPIXELS,
+        min_score: float = -1.0,
+        exclude_self: bool = False,
         name: str | None = None,
     ) -> QueryResult:
         """The n images most similar to `image`, best first. `all`: search every category
-        (approximately on a database large enough to have an inverted file, unless `exact`).
-        Raises BadImage (a CbirError) if the image cannot be decoded."""
-        options = _options(n, all, exact, min_candidates, query_expansion, max_megapixels)
-        label, pixels = self._decoded(image, name, options)
+        (approximately on a database large enough to have an inverted file, unless `exact`);
+        `min_score`: leave out hits of a lower cosine; `exclude_self`: leave out an image
+        with the query's own content (a file or bytes, by SHA-256). Raises BadImage (a
+        CbirError) if the image cannot be decoded."""
+        options = _options(n, all, exact, min_candidates, query_expansion, max_megapixels,
+                           min_score, exclude_self)  # fmt: skip
+        decoded = self._decoded(image, name, options)
         with self._lock:
-            return search_pixels(self._db, self.model(), [(label, pixels)], options,
+            return search_pixels(self._db, self.model(), [decoded], options,
                                  self._matrix_in_memory())[0]  # fmt: skip
 
     def query_many(
@@ -174,7 +188,7 @@ class ImageDatabase:
         """`query` for several images at once (their shared categories are read once); an
         image that cannot be decoded gives its BadImage in its place."""
         options = _options(n, all, **kwargs)
-        decoded: list[tuple[Path, npt.NDArray[np.uint8]] | BadImage] = []
+        decoded: list[DecodedQuery | BadImage] = []
         for image in images:
             try:
                 decoded.append(self._decoded(image, None, options))
@@ -217,28 +231,29 @@ class ImageDatabase:
             self._resident = ResidentMatrix(self._db.settings.feature_dim)
         return self._resident
 
-    def _decoded(
-        self, image: ImageInput, name: str | None, options: QueryOptions
-    ) -> tuple[Path, npt.NDArray[np.uint8]]:
+    def _decoded(self, image: ImageInput, name: str | None, options: QueryOptions) -> DecodedQuery:
         size = self.model().backbone.input_size
         resize = self._db.settings.resize
         if isinstance(image, (str, os.PathLike)):
-            path = Path(image)
-            return path, model_input(decode_rgb(path, size, None, options.max_megapixels),
-                                     size, resize)  # fmt: skip
-        label = Path(name or "<image>")
+            label = Path(image)
+            try:
+                image = label.read_bytes()
+            except OSError as exc:
+                raise BadImage(label, f"cannot read ({exc.strerror})") from None
+        else:
+            label = Path(name or "<image>")
         if isinstance(image, bytes):
-            return label, model_input(decode_rgb(label, size, image, options.max_megapixels),
-                                      size, resize)  # fmt: skip
+            rgb = decode_rgb(label, size, image, options.max_megapixels)
+            return label, model_input(rgb, size, resize), content_id(image)
         if isinstance(image, Image.Image):
-            return label, model_input(image.convert("RGB"), size, resize)
+            return label, model_input(image.convert("RGB"), size, resize), None
         array = np.asarray(image)
         if array.dtype != np.uint8 or array.ndim not in (2, 3) or (
             array.ndim == 3 and array.shape[2] != 3
         ):  # fmt: skip
             raise CbirError(f"a query array must be (h, w, 3) or (h, w) uint8, not "
                             f"{array.shape} {array.dtype}")  # fmt: skip
-        return label, model_input(Image.fromarray(array).convert("RGB"), size, resize)
+        return label, model_input(Image.fromarray(array).convert("RGB"), size, resize), None
 
     # -- changing it ------------------------------------------------------------------------
 
@@ -281,7 +296,9 @@ class ImageDatabase:
         ordered = sorted(sizes.items(), key=lambda kv: (-kv[1], kv[0]))
         return [CategoryInfo(w, names[w], n) for w, n in ordered]
 
-    def category_images(self, wnid: str, offset: int = 0, limit: int = 60) -> tuple[int, list[ImageInfo]]:
+    def category_images(
+        self, wnid: str, offset: int = 0, limit: int = 60
+    ) -> tuple[int, list[ImageInfo]]:
         """(how many images category `wnid` holds, `limit` of them from `offset`, by id).
         KeyError for a category the database does not have."""
         with self._lock, self._db.catalog.snapshot():
@@ -331,12 +348,15 @@ def _options(
     min_candidates: int = DEFAULT_MIN_CANDIDATES,
     query_expansion: int = DEFAULT_QUERY_EXPANSION,
     max_megapixels: float = DEFAULT_MAX_MEGAPIXELS,
+    min_score: float = -1.0,
+    exclude_self: bool = False,
 ) -> QueryOptions:
     if n < 1:
         raise CbirError("n must be at least 1")
     return QueryOptions(n_results=n, search_all=search_all, exact=exact,
                         min_candidates=min_candidates, query_expansion=query_expansion,
-                        max_megapixels=max_megapixels)  # fmt: skip
+                        max_megapixels=max_megapixels, min_score=min_score,
+                        exclude_self=exclude_self)  # fmt: skip
 
 
 def _read_no_follow(path: Path) -> bytes | None:

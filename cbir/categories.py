@@ -44,3 +44,12 @@ def folder_name(wnid: str) -> str:
 
 def wnid_of_folder(folder: str) -> str:
     return folder.split("_", 1)[0]
+
+
+def find_wnids(text: str) -> list[str]:
+    """The classes `text` names: a wnid, or a class name in any case, with spaces or
+    underscores ("Egyptian cat"). Two classes share some names ("crane")."""
+    if is_wnid(text):
+        return [text]
+    wanted = re.sub(r"[\s_]+", "_", text.strip()).lower()
+    return [w for w, name in class_index() if name.lower() == wanted]

@@ -7,6 +7,7 @@ them, so `cbir --help` and `cbir info` start in a fraction of a second.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import os
@@ -215,6 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("db_dir", type=Path)
     p.add_argument("images", type=Path, nargs="+")
     p.add_argument("-n", type=int, default=10, dest="n_results", help="results per query")
+    p.add_argument("--min-score", type=float, default=-1.0, metavar="S",
+                   help="leave out results with a cosine score below S")
+    p.add_argument("--exclude-self", action="store_true",
+                   help="leave out the query's own content when the database holds it")
     p.add_argument("--json", action="store_true", help="one JSON object per query per line")
     p.add_argument("--plot", type=Path, metavar="FILE", help="save a figure of the results")
     p.add_argument(
@@ -293,6 +298,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_info)
 
+    p = commands.add_parser("ls", help="list categories with their counts, or one category's images")
+    p.add_argument("db_dir", type=Path)
+    p.add_argument("category", nargs="?",
+                   help="a category's wnid or name (e.g. n02124075 or Egyptian_cat)")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.set_defaults(handler=cmd_ls)
+
     p = commands.add_parser(
         "serve",
         help="a web page and a JSON API over a database (model loaded once)",
@@ -308,7 +320,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", help="the weights FILE, for a database built with one")
     engine_options(p)
     p.set_defaults(handler=cmd_serve)
+    for name, sub in commands.choices.items():
+        sub.formatter_class = HelpFormatter
+        sub.epilog = "example:\n  " + EXAMPLES[name]
     return parser
+
+
+EXAMPLES = {
+    "create-db": "cbir create-db ~/Pictures pictures.db --model efficientnet_lite0",
+    "add": "cbir add pictures.db ~/Pictures/2026/holiday",
+    "remove": "cbir remove pictures.db ~/Pictures/2026/blurry.jpg",
+    "sync": "cbir sync pictures.db",
+    "check": "cbir check pictures.db --repair",
+    "query": "cbir query pictures.db cat.jpg -n 5 --min-score 0.3 --plot cat-results.png",
+    "evaluate": "cbir evaluate ../shared/evaldata --model efficientnet_lite0",
+    "info": "cbir info pictures.db --json",
+    "ls": "cbir ls pictures.db Egyptian_cat",
+    "serve": "cbir serve pictures.db --port 8000",
+}
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Each option's default shown after its help (where its help does not already say it);
+    the example in the epilog kept as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("default" in text or not action.option_strings
+                or action.default in (None, False, argparse.SUPPRESS)):  # fmt: skip
+            return text
+        return text + " (default: %(default)s)"
 
 
 def _index_options(args: argparse.Namespace):  # noqa: ANN202
@@ -433,7 +474,8 @@ def cmd_query(args: argparse.Namespace) -> int:
     plot = _plot_target(args.plot) if args.plot else None
     images = _query_images(args.images)
     options = QueryOptions(
-        n_results=args.n_results, search_all=args.search_all,
+        n_results=args.n_results, search_all=args.search_all, min_score=args.min_score,
+        exclude_self=args.exclude_self,
         min_candidates=args.min_candidates, engine=args.engine, precision=args.precision,
         query_expansion=args.query_expansion, exact=args.exact,
         max_megapixels=args.max_megapixels,
@@ -543,6 +585,44 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ls(args: argparse.Namespace) -> int:
+    from cbir import categories
+    from cbir.api import open_db
+
+    with open_db(args.db_dir) as db:
+        if args.category is None:
+            for c in db.categories():
+                if args.json:
+                    print(json.dumps({"id": c.id, "name": c.name, "images": c.images}))
+                else:
+                    print(f"{c.images:>8}  {c.id}  {c.name}")
+            return 0
+        found = categories.find_wnids(args.category)
+        if not found:
+            raise CbirError(f"no ImageNet category is called {args.category!r} (see 'cbir ls "
+                            f"{shown(args.db_dir)}' for the database's)")  # fmt: skip
+        if len(found) > 1:
+            raise CbirError(f"{len(found)} categories are called {args.category!r}: "
+                            f"{', '.join(found)}; give one of these ids")  # fmt: skip
+        wnid = found[0]
+        offset, total = 0, None
+        while total is None or offset < total:
+            try:
+                total, page = db.category_images(wnid, offset, 4096)
+            except KeyError:
+                raise CbirError(f"the database has no image in {wnid} "
+                                f"{categories.names_by_wnid()[wnid]}") from None  # fmt: skip
+            for im in page:
+                if args.json:
+                    print(json.dumps({"id": im.id, "path": shown(im.path),
+                                      "paths": [shown(p) for p in im.paths],
+                                      "categories": list(im.categories)}, ensure_ascii=False))
+                else:
+                    print(shown(im.path))
+            offset += 4096
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from cbir.api import open_db
 
@@ -561,11 +641,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     db = open_db(args.db_dir, weights=args.weights, engine=args.engine, precision=args.precision,
                  in_memory=True)  # fmt: skip
-    with db:
-        try:
-            serve(db, args.host, args.port, int(args.max_upload_mb * 1024 * 1024), ready)
-        except KeyboardInterrupt:
-            pass
+    with db, contextlib.suppress(KeyboardInterrupt):
+        serve(db, args.host, args.port, int(args.max_upload_mb * 1024 * 1024), ready)
     return 0
 
 

@@ -80,7 +80,8 @@ def hit_labels(hits: tuple[Hit, ...] | list[Hit]) -> list[str]:
         if len(set(labels)) == len(labels) or depth >= max((len(p) for p in parts), default=1):
             break
         depth += 1
-    return [("…/" if len(p) > depth else "") + label for p, label in zip(parts, labels, strict=True)]
+    return [("…/" if len(p) > depth else "") + label
+            for p, label in zip(parts, labels, strict=True)]  # fmt: skip
 
 
 def renderable(text: str, covered: frozenset[int]) -> str:

@@ -6,6 +6,7 @@ once, in blocks. Either way a hit's source paths come from the catalog, never fr
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from cbir.db.database import CategoryMembers
 from cbir.db.matrix import SCAN_BLOCK_ROWS, SearchMatrix
 from cbir.errors import BadImage, CbirError
 from cbir.features import expand_query
+from cbir.hashing import image_id_of
 from cbir.images import DEFAULT_MAX_MEGAPIXELS, load_image
 from cbir.model import Model, get_backbone, load_model, resolve_weights
 from cbir.ranking import Float16Rows, rank
@@ -69,6 +71,8 @@ class QueryOptions:
     exact: bool = False  # --all compares every row even where the database has an IVF
     max_megapixels: float = DEFAULT_MAX_MEGAPIXELS
     nprobe: int | None = None  # IVF lists an approximate --all searches (None: the default)
+    min_score: float = -1.0  # hits below this cosine are left out
+    exclude_self: bool = False  # leave out the query's own content (by its SHA-256), if held
 
 
 def open_for_query(
@@ -102,29 +106,44 @@ def run_queries(
 ) -> list[QueryResult | BadImage]:
     """One result per query image; a query that cannot be decoded gives its BadImage."""
     size = model.backbone.input_size
-    loaded: list[tuple[Path, npt.NDArray[np.uint8]]] = []
+    loaded: list[DecodedQuery] = []
     outcome: dict[Path, QueryResult | BadImage] = {}
     for path in query_paths:
         try:
-            pixels = load_image(path, size, max_megapixels=options.max_megapixels,
+            data = path.read_bytes()
+        except OSError as exc:
+            outcome[path] = BadImage(path, f"cannot read ({exc.strerror})")
+            continue
+        try:
+            pixels = load_image(path, size, data, max_megapixels=options.max_megapixels,
                                 resize=db.settings.resize)  # fmt: skip
-            loaded.append((path, pixels))
+            loaded.append((path, pixels, content_id(data)))
         except BadImage as bad:
             outcome[path] = bad
-    for (path, _), result in zip(loaded, search_pixels(db, model, loaded, options), strict=True):
-        outcome[path] = result
+    for query, result in zip(loaded, search_pixels(db, model, loaded, options), strict=True):
+        outcome[query[0]] = result
     return [outcome[p] for p in query_paths]
 
 
+# A query ready to search: (its name, (s, s, 3) uint8 pixels, the image id its content would
+# have in a database, None where it has no file content: an array).
+DecodedQuery = tuple[Path, npt.NDArray[np.uint8], "int | None"]
+
+
+def content_id(data: bytes) -> int:
+    """The id an image with these bytes has in any database (cbir.hashing.image_id_of)."""
+    return image_id_of(hashlib.sha256(data).hexdigest())
+
+
 def search_pixels(
-    db: Database, model: Model, loaded: list[tuple[Path, npt.NDArray[np.uint8]]],
-    options: QueryOptions, resident: ResidentMatrix | None = None,
+    db: Database, model: Model, loaded: list[DecodedQuery], options: QueryOptions,
+    resident: ResidentMatrix | None = None,
 ) -> list[QueryResult]:
-    """Describe decoded queries ((name, (s, s, 3) uint8) pairs) and rank the database for
-    each, all against one committed state of the catalog."""
+    """Describe decoded queries and rank the database for each, all against one committed
+    state of the catalog."""
     if not loaded:
         return []
-    described = model.describe_in_batches([pixels for _, pixels in loaded], QUERY_BATCH)
+    described = model.describe_in_batches([pixels for _, pixels, _ in loaded], QUERY_BATCH)
     with db.catalog.snapshot():
         if resident is not None:
             resident.refresh(db)
@@ -135,8 +154,9 @@ def search_pixels(
             pool = CandidatePool(db)
             pool.gather([g.wnids for g in gatings])
         return [search(db, path, described.probs[i], described.features[db.settings.pooling][i],
-                       members, options, pool, gatings[i], resident)
-                for i, (path, _) in enumerate(loaded)]  # fmt: skip
+                       members, options, pool, gatings[i], resident,
+                       own_id if options.exclude_self else None)
+                for i, (path, _, own_id) in enumerate(loaded)]  # fmt: skip
 
 
 def search_like(
@@ -156,12 +176,10 @@ def search_like(
         index = {w: i for i, w in enumerate(categories.wnids())}
         for wnid, prob in zip(record.wnids, record.probs, strict=True):
             probs[index[wnid]] = prob
-        wider = replace(options, n_results=options.n_results + 1)
         sources = db.paths_of(image_id)
         label = Path(sources[0]) if sources else db.stored_path(record)
-        result = search(db, label, probs, feature, CategoryMembers(db), wider, resident=resident)
-    hits = tuple(h for h in result.hits if h.id != image_id)[: options.n_results]
-    return replace(result, hits=hits, n_searched=max(result.n_searched - 1, 0))
+        return search(db, label, probs, feature, CategoryMembers(db), options,
+                      resident=resident, exclude_id=image_id)  # fmt: skip
 
 
 class ResidentMatrix:
@@ -300,11 +318,16 @@ def search(
     pool: CandidatePool | None = None,
     gating: Gating | None = None,
     resident: ResidentMatrix | None = None,
+    exclude_id: int | None = None,
 ) -> QueryResult:
     """Rank the database for one described query: probs (1000,), feature (d,) unit-norm;
     `pool`: candidates gathered for a batch of queries (see CandidatePool), with `gating`,
     the categories already chosen for this query; `resident`: the matrix in memory, up to
-    date (a server's)."""
+    date (a server's); `exclude_id`: an image left out of the results (the query itself).
+    Hits below options.min_score are left out."""
+    wanted = options.n_results
+    if exclude_id is not None:
+        options = replace(options, n_results=wanted + 1)
     wnids = categories.wnids()
     names = categories.names_by_wnid()
     top = np.argsort(-probs)[: db.settings.top_k]
@@ -344,7 +367,9 @@ def search(
             candidates, rows = db.catalog.rows_of_categories(gating.wnids)
             ids, scores = rank_candidates(db, candidates, rows, feature, options)
             n_searched = len(rows)
-    return QueryResult(path, own, gating, n_searched, tuple(hits(db, ids, scores)), method)
+    found = [h for h in hits(db, ids, scores)
+             if h.id != exclude_id and h.score >= options.min_score]  # fmt: skip
+    return QueryResult(path, own, gating, n_searched, tuple(found[:wanted]), method)
 
 
 def rank_candidates(

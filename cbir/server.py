@@ -58,7 +58,9 @@ def create_app(db: ImageDatabase, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYT
     async def query_upload(request: Request, n: int = 10, all: bool = False) -> dict:  # noqa: A002
         _check_n(n)
         declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > max_upload_bytes + FORM_OVERHEAD:
+        too_long = declared is not None and declared.isdigit() and (
+            int(declared) > max_upload_bytes + FORM_OVERHEAD)  # fmt: skip
+        if too_long:
             raise _too_large(max_upload_bytes)
         form = await _read_form(request, max_upload_bytes)
         upload = form.get("image")

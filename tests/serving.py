@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -69,10 +70,9 @@ class Server:
                 conn.putheader(key, value)
             if body is not None and "Transfer-Encoding" not in (headers or {}):
                 conn.putheader("Content-Length", str(len(body)))
-            try:
+            # The server may answer (e.g. 413) before reading it all: then read the answer.
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                 conn.endheaders(body)
-            except (BrokenPipeError, ConnectionResetError):
-                pass  # the server answered (e.g. 413) before reading it all: read the answer
             response = conn.getresponse()
             return response.status, dict(response.getheaders()), response.read()
         finally:
@@ -82,7 +82,9 @@ class Server:
         status, _, body = self.request("GET", path)
         return status, json.loads(body)
 
-    def upload(self, path: str, data: bytes, name: str = "query.jpg", **fields: str) -> tuple[int, Any]:
+    def upload(
+        self, path: str, data: bytes, name: str = "query.jpg", **fields: str
+    ) -> tuple[int, Any]:
         body, content_type = multipart(data, name, fields)
         status, _, reply = self.request("POST", path, body, {"Content-Type": content_type})
         return status, json.loads(reply)

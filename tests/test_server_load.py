@@ -14,8 +14,6 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
-
 from tests.conftest import TESTDATA, needs_shared
 from tests.serving import REPO, Server
 
