@@ -298,6 +298,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_info)
 
+    p = commands.add_parser("duplicates",
+                            help="groups of identical and near-duplicate images")
+    p.add_argument("db_dir", type=Path)
+    p.add_argument("--threshold", type=float, default=None, metavar="T",
+                   help="near-duplicates have a cosine >= T (default: 0.8, measured on the test "
+                        "data's near-duplicates; README)")
+    p.add_argument("--json", action="store_true", help="one JSON object per group per line")
+    p.set_defaults(handler=cmd_duplicates)
+
     p = commands.add_parser("ls", help="list categories with their counts, or one category's images")
     p.add_argument("db_dir", type=Path)
     p.add_argument("category", nargs="?",
@@ -336,6 +345,7 @@ EXAMPLES = {
     "evaluate": "cbir evaluate ../shared/evaldata --model efficientnet_lite0",
     "info": "cbir info pictures.db --json",
     "ls": "cbir ls pictures.db Egyptian_cat",
+    "duplicates": "cbir duplicates pictures.db --threshold 0.9 --json",
     "serve": "cbir serve pictures.db --port 8000",
 }
 
@@ -582,6 +592,27 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"{c['images']:>14}  {c['id']} {c['name']}")
     if len(sizes) > 20:
         print(f"{'':>14}  ... {len(sizes) - 20} more (--json lists all)")
+    return 0
+
+
+def cmd_duplicates(args: argparse.Namespace) -> int:
+    from cbir.db import Database
+    from cbir.duplicates import DEFAULT_THRESHOLD, find_duplicates, group_json
+
+    threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
+    if not -1 <= threshold <= 1:
+        raise CbirError("--threshold must be a cosine between -1 and 1")
+    with Database.open(args.db_dir) as db:
+        groups = find_duplicates(db, threshold)
+    for group in groups:
+        if args.json:
+            print(json.dumps(group_json(group, shown), ensure_ascii=False))
+        else:
+            kind = "identical" if len(group.ids) == 1 else f"lowest cosine {group.score:.3f}"
+            print(f"{len(group.paths)} files, {kind}:")
+            for path in group.paths:
+                print(f"  {shown(path)}")
+    print(f"{len(groups)} group(s) of duplicates (threshold {threshold})", file=sys.stderr)
     return 0
 
 

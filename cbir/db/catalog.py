@@ -317,6 +317,11 @@ class Catalog:
         rows = self._rows("SELECT path FROM paths WHERE image_id = ? ORDER BY path", (image_id,))
         return [os.fsdecode(r[0]) for r in rows]
 
+    def images_with_several_paths(self) -> set[int]:
+        """Ids of the images more than one source path points at (identical content)."""
+        rows = self._rows("SELECT image_id FROM paths GROUP BY image_id HAVING count(*) > 1")
+        return {int(r[0]) for r in rows}
+
     def n_images(self) -> int:
         return int(self._one("SELECT count(*) FROM images"))  # type: ignore[arg-type]
 
