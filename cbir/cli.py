@@ -298,6 +298,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_info)
 
+    p = commands.add_parser("find", help="images of a concept, by WordNet (dog, fruit, vehicle)")
+    p.add_argument("db_dir", type=Path)
+    p.add_argument("words", nargs="+", help="a class or concept, e.g. cat, dog, musical instrument")
+    p.add_argument("-n", type=int, default=20, dest="n_results", help="results")
+    p.add_argument("--json", action="store_true", help="one JSON object")
+    p.set_defaults(handler=cmd_find)
+
     p = commands.add_parser("duplicates",
                             help="groups of identical and near-duplicate images")
     p.add_argument("db_dir", type=Path)
@@ -346,6 +353,7 @@ EXAMPLES = {
     "info": "cbir info pictures.db --json",
     "ls": "cbir ls pictures.db Egyptian_cat",
     "duplicates": "cbir duplicates pictures.db --threshold 0.9 --json",
+    "find": "cbir find pictures.db musical instrument -n 10",
     "serve": "cbir serve pictures.db --port 8000",
 }
 
@@ -592,6 +600,37 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"{c['images']:>14}  {c['id']} {c['name']}")
     if len(sizes) > 20:
         print(f"{'':>14}  ... {len(sizes) - 20} more (--json lists all)")
+    return 0
+
+
+def cmd_find(args: argparse.Namespace) -> int:
+    from cbir import categories
+    from cbir.concepts import find
+    from cbir.db import Database
+
+    if args.n_results < 1:
+        raise CbirError("-n must be at least 1")
+    with Database.open(args.db_dir) as db:
+        result = find(db, args.words, args.n_results)
+    names = categories.names_by_wnid()
+    if args.json:
+        print(json.dumps({
+            "query": result.words,
+            "concepts": [{"id": c.wnid, "name": c.word} for c in result.concepts],
+            "classes": [{"id": w, "name": names[w]} for w in result.classes],
+            "results": [{"path": shown(h.path), "score": round(h.score, 6), "id": h.id,
+                         "categories": list(h.categories), "paths": [shown(p) for p in h.paths]}
+                        for h in result.hits],
+        }, ensure_ascii=False))  # fmt: skip
+        return 0
+    listed = ", ".join(names[w] for w in result.classes[:8])
+    more = f" and {len(result.classes) - 8} more" if len(result.classes) > 8 else ""
+    concepts = ", ".join(c.word for c in result.concepts)
+    print(f"find {result.words!r}: {concepts} -> {len(result.classes)} classes ({listed}{more})")
+    if not result.hits:
+        print("  no image in the database is in these classes")
+    for rank, hit in enumerate(result.hits, start=1):
+        print(f"  {rank:>4}  {hit.score:6.3f}  {shown(hit.path)}")
     return 0
 
 

@@ -317,6 +317,28 @@ class Catalog:
         rows = self._rows("SELECT path FROM paths WHERE image_id = ? ORDER BY path", (image_id,))
         return [os.fsdecode(r[0]) for r in rows]
 
+    def probabilities_in(
+        self, wnids: Sequence[str]
+    ) -> list[tuple[int, tuple[str, ...], tuple[float, ...]]]:
+        """(id, its categories, their probabilities) of each image stored in any of `wnids`."""
+        found: dict[int, tuple[str, ...]] = {}
+        rows = []
+        for start in range(0, len(wnids), _IN_CHUNK):
+            chunk = list(wnids[start : start + _IN_CHUNK])
+            marks = ",".join("?" * len(chunk))
+            rows += self._rows(
+                f"SELECT DISTINCT i.id, i.sha256, i.stored_name, i.wnids, i.probs, i.row "
+                f"FROM placements p JOIN images i ON i.id = p.image_id "
+                f"WHERE p.wnid IN ({marks})", chunk)  # fmt: skip
+        out = []
+        for r in rows:
+            if r[0] in found:
+                continue
+            record = self._record(r)
+            found[r[0]] = record.wnids
+            out.append((record.image_id, record.wnids, record.probs))
+        return out
+
     def images_with_several_paths(self) -> set[int]:
         """Ids of the images more than one source path points at (identical content)."""
         rows = self._rows("SELECT image_id FROM paths GROUP BY image_id HAVING count(*) > 1")
