@@ -4,7 +4,8 @@ ImageNet's 1000 classes are WordNet noun synsets. The package ships their words 
 ancestors (cbir/data/class_hierarchy.json, built from WordNet 3.0 by
 scripts/build_class_hierarchy.py), so a word matches every class it names or that descends
 from a synset it names: "dog" matches 118 breeds. Images are ranked by the probability the
-classifier gave the matching classes, from the top-k probabilities the catalog keeps.
+classifier gave the matching classes, from the 32 most probable the catalog keeps per image
+(cbir.db.catalog.TOP_CLASSES).
 """
 
 from __future__ import annotations
@@ -104,13 +105,12 @@ def match(words: list[str]) -> tuple[list[Concept], list[str]]:
 def find(db: Database, words: list[str], n: int = 20) -> FindResult:
     """The n images with the most probability on the classes `words` match, best first."""
     concepts, classes = match(words)
-    wanted = set(classes)
+    position = {w: i for i, w in enumerate(categories.wnids())}
+    wanted = np.array([position[w] for w in classes], np.int64)
     with db.catalog.snapshot():
-        candidates = db.catalog.probabilities_in(classes)
-        scored = [(sum(p for w, p in zip(wnids, probs, strict=True) if w in wanted), image_id)
-                  for image_id, wnids, probs in candidates]  # fmt: skip
-        scored.sort(key=lambda s: (-s[0], s[1]))
-        best = scored[:n]
-        found = hits(db, np.array([i for _, i in best], np.int64),
-                     np.array([s for s, _ in best], np.float32))  # fmt: skip
+        ids, top, probs = db.catalog.class_probabilities()
+        mass = np.where(np.isin(top, wanted), probs, 0).sum(axis=1)
+        held = np.flatnonzero(mass > 0)
+        best = held[np.lexsort((ids[held], -mass[held]))][:n]
+        found = hits(db, ids[best], mass[best].astype(np.float32))
     return FindResult(" ".join(words), tuple(concepts), tuple(classes), tuple(found))

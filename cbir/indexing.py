@@ -22,6 +22,7 @@ import numpy.typing as npt
 
 from cbir import categories
 from cbir.db import MANIFEST_NAME, NewImage, Settings, Writer, open_writer, read_manifest
+from cbir.db.catalog import TOP_CLASSES
 from cbir.errors import BadImage, CbirError, DatabaseError
 from cbir.images import DEFAULT_MAX_MEGAPIXELS, DEFAULT_RESIZE, find_images, load_image
 from cbir.model import Model, get_backbone, load_model, resolve_weights
@@ -303,6 +304,7 @@ def _describe(model: Model, batch: list[_Prepared], top_k: int, pooling: str) ->
     described = model.describe(pixels)
     wnids = categories.wnids()
     top = np.argsort(-described.probs, axis=1)[:, :top_k]
+    top_classes = np.argsort(-described.probs, axis=1)[:, :TOP_CLASSES]
     return [
         NewImage(
             source_path=p.path,
@@ -312,6 +314,8 @@ def _describe(model: Model, batch: list[_Prepared], top_k: int, pooling: str) ->
             wnids=tuple(wnids[j] for j in top[i]),
             probs=tuple(float(described.probs[i, j]) for j in top[i]),
             feature=described.features[pooling][i].copy(),  # not a view: frees the batch
+            top_classes=tuple(int(j) for j in top_classes[i]),
+            top_probs=tuple(float(described.probs[i, j]) for j in top_classes[i]),
         )
         for i, p in enumerate(batch)
     ]

@@ -54,3 +54,21 @@ def test_cli_text_and_errors(photos_db: Path) -> None:
     bad = run_cli("find", str(photos_db), "qwxz")
     assert bad.returncode == 1 and bad.stderr.count("\n") == 1
     assert bad.stderr.startswith("cbir: error: no ImageNet class or WordNet concept is called")
+
+
+def test_classes_below_an_images_top_k_still_find_it(photos_db: Path) -> None:
+    """The catalog keeps 32 class probabilities per image, not only its top-4 categories."""
+    from cbir.categories import wnids
+    from cbir.concepts import find
+    from cbir.db import Database
+
+    with Database.open(photos_db) as db:
+        ids, top, probs = db.catalog.class_probabilities()
+        assert top.shape == (37, 32) and (top >= 0).all()
+        np_order = probs.argsort(axis=1)[:, ::-1]
+        assert (np_order[:, 0] == 0).all()  # stored most probable first
+        image, fifth = 0, int(top[0, 4])
+        record = db.image(int(ids[image]))
+        assert wnids()[fifth] not in record.wnids  # not one of its categories
+        found = find(db, [names_by_wnid()[wnids()[fifth]]], n=37)
+        assert int(ids[image]) in [h.id for h in found.hits]

@@ -32,7 +32,7 @@ import numpy.typing as npt
 
 from cbir import categories
 from cbir.db import ivf
-from cbir.db.catalog import CATALOG_NAME, Catalog, ImageRecord, PathRecord
+from cbir.db.catalog import CATALOG_NAME, Catalog, ImageRecord, PathRecord, encode_classes
 from cbir.db.category_files import (
     CategoryRows,
     merging_writer,
@@ -78,6 +78,8 @@ class NewImage:
     wnids: tuple[str, ...]  # top-k categories, most probable first
     probs: tuple[float, ...]  # their probabilities
     feature: npt.NDArray[np.float32]  # (d,) unit-norm
+    top_classes: tuple[int, ...] = ()  # its TOP_CLASSES most probable classes (output indices)
+    top_probs: tuple[float, ...] = ()  # their probabilities
 
     @property
     def image_id(self) -> int:
@@ -185,7 +187,8 @@ class Writer:
         os.sync()  # the copies and the matrix rows are durable before the commit point
         self._commit(
             images=[ImageRecord(i.image_id, i.sha256, stored_name(i.source_path, i.sha256),
-                                i.wnids, i.probs, rows[i.image_id], lst)
+                                i.wnids, i.probs, rows[i.image_id], lst,
+                                encode_classes(i.top_classes, i.top_probs))
                     for i, lst in zip(placed, lists, strict=True)],
             paths=[(str(i.source_path), PathRecord(i.image_id, i.size, i.mtime_ns))
                    for i in placed],
