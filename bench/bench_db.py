@@ -49,6 +49,22 @@ TARGETS = {"gated_20": 3.0, "all_1": 2.5, "rss_mb": 600.0,
            "million_gated_ms": 50.0, "million_all_ms": 150.0, "million_rss_mb": 1536.0}  # fmt: skip
 
 
+def bench_arguments(doc: str) -> argparse.ArgumentParser:
+    """The options every benchmark here takes: its work folder (shared) and a JSON output."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--work-dir", type=Path,
+                        default=Path(tempfile.gettempdir()) / "cbir-bench-db")  # fmt: skip
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    return parser
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in
+                Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
+               "?")  # fmt: skip
+    return f"{cpu}, {os.cpu_count()} cores"
+
+
 class Bench:
     def __init__(self, work: Path) -> None:
         self.work = work

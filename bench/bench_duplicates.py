@@ -15,19 +15,17 @@ Targets: under a minute, within 1 GB.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench_db import TESTDATA, Bench, fashion  # noqa: E402
+from bench_db import TESTDATA, Bench, bench_arguments, fashion  # noqa: E402
 
 THRESHOLDS = [0.5, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95]
 
@@ -77,11 +75,7 @@ def cost(bench: Bench) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work-dir", type=Path,
-                        default=Path(tempfile.gettempdir()) / "cbir-bench-db")  # fmt: skip
-    parser.add_argument("--json", type=Path, help="also write the results here")
-    args = parser.parse_args()
+    args = bench_arguments(__doc__).parse_args()
     args.work_dir.mkdir(parents=True, exist_ok=True)
     bench = Bench(args.work_dir)
     results = {"quality": quality(bench), "fashion60k": cost(bench)}

@@ -14,11 +14,9 @@ model run here on the same photos), to show what keeping only the top 4 costs.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +25,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench_db import REPO, Bench, fashion  # noqa: E402
+from bench_db import REPO, Bench, bench_arguments, fashion  # noqa: E402
 
 EVALDATA = REPO.parent / "shared" / "evaldata"
 CONCEPTS = {"fruit": "fruit", "vegetable": "vegetable", "tool": "tool", "mammal": "mammal",
@@ -62,10 +60,10 @@ def run_find(bench: Bench, db: Path) -> dict[str, dict[str, float]]:
 
 def full_probabilities() -> dict[str, dict[str, float]]:
     """The same ranking from all 1000 probabilities of each evaldata photo."""
+    from cbir import categories
     from cbir.concepts import match
     from cbir.images import load_image
     from cbir.model import load_model
-    from cbir import categories
 
     model = load_model("efficientnet_lite0")
     paths = sorted(EVALDATA.glob("*/*.jpg"))
@@ -82,11 +80,7 @@ def full_probabilities() -> dict[str, dict[str, float]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work-dir", type=Path,
-                        default=Path(tempfile.gettempdir()) / "cbir-bench-db")  # fmt: skip
-    parser.add_argument("--json", type=Path, help="also write the results here")
-    args = parser.parse_args()
+    args = bench_arguments(__doc__).parse_args()
     bench = Bench(args.work_dir)
     alone, _ = bench.build("evaldata", EVALDATA)
     results: dict[str, Any] = {"alone_top4": run_find(bench, alone)}

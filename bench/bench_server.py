@@ -17,13 +17,11 @@ with it; nothing is downloaded.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -32,7 +30,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench_db import TESTDATA, Bench, fashion  # noqa: E402
+from bench_db import TESTDATA, Bench, bench_arguments, fashion, machine  # noqa: E402
 
 from tests.serving import Server  # noqa: E402
 
@@ -126,17 +124,10 @@ def report(results: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work-dir", type=Path,
-                        default=Path(tempfile.gettempdir()) / "cbir-bench-db")  # fmt: skip
-    parser.add_argument("--json", type=Path, help="also write the results here")
-    args = parser.parse_args()
+    args = bench_arguments(__doc__).parse_args()
     args.work_dir.mkdir(parents=True, exist_ok=True)
     bench = Bench(args.work_dir)
-    cpu = next((line.split(":", 1)[1].strip() for line in
-                Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
-               "?")  # fmt: skip
-    results: dict[str, Any] = {"machine": f"{cpu}, {os.cpu_count()} cores"}
+    results: dict[str, Any] = {"machine": machine()}
     train, test_images = fashion(args.work_dir)
     photos_db, _ = bench.build("photos", TESTDATA / "photos")
     bench.log("the 37-photo database")

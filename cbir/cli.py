@@ -314,7 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per group per line")
     p.set_defaults(handler=cmd_duplicates)
 
-    p = commands.add_parser("ls", help="list categories with their counts, or one category's images")
+    p = commands.add_parser("ls",
+                            help="list categories with their counts, or one category's images")
     p.add_argument("db_dir", type=Path)
     p.add_argument("category", nargs="?",
                    help="a category's wnid or name (e.g. n02124075 or Egyptian_cat)")
