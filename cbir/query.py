@@ -225,6 +225,8 @@ class ResidentMatrix:
         self, db: Database, wnids: tuple[str, ...]
     ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
         """(ids, rows) of the images in any of `wnids`, sorted by row, each once."""
+        if not wnids:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
         for wnid in wnids:
             if wnid not in self._by_wnid:
                 self._by_wnid[wnid] = db.catalog.rows_of_categories([wnid])

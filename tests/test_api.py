@@ -132,3 +132,17 @@ def test_add_and_remove_keep_the_databases_settings(tmp_path: Path, photos_db: P
         removal = db.remove([extra / "grey coffee.jpg"])
         assert (removal.images, removal.paths) == (1, 1)
         assert db.info()["images"] == 37
+
+
+@needs_shared
+@pytest.mark.parametrize("in_memory", [False, True])
+def test_an_empty_database_answers_with_no_results(tmp_path: Path, in_memory: bool) -> None:
+    (tmp_path / "empty").mkdir()
+    cbir.create_db(tmp_path / "empty", tmp_path / "db", model="efficientnet_lite0")
+    with cbir.open_db(tmp_path / "db", in_memory=in_memory) as db:
+        db.warm_up()
+        assert db.query(CHELSEA_ROT5).hits == ()
+        assert db.query(CHELSEA_ROT5, all=True).hits == ()
+        assert db.categories() == [] and db.info()["images"] == 0
+        with pytest.raises(KeyError):
+            db.query_id(1)
