@@ -187,3 +187,22 @@ def test_the_server_never_writes_the_database(served: Server) -> None:
     """Last in this file: after every request above, the database is byte for byte as it was."""
     assert fingerprint(served.db) == served.before
     assert not [line for line in served.stderr if "Traceback" in line], served.stderr
+
+
+def test_a_stored_copy_replaced_by_a_link_is_not_followed(photos_db: Path, tmp_path: Path) -> None:
+    db = tmp_path / "photos.db"
+    shutil.copytree(photos_db, db)
+    copies = sorted(db.glob("*/chelsea-*.jpg"))
+    for copy in copies:  # every category's copy now points at a system file
+        copy.unlink()
+        copy.symlink_to("/etc/passwd")
+    server = Server(db)
+    try:
+        _, result = server.upload("/api/query?n=1", (NEAR / "chelsea__rot5.jpg").read_bytes())
+        chelsea = result["results"][0]
+        assert Path(chelsea["path"]).name == "chelsea.jpg"  # found by its feature, as before
+        for url in (chelsea["image"], chelsea["thumbnail"]):
+            status, _, body = server.request("GET", url)
+            assert status == 404 and b"root:" not in body
+    finally:
+        server.stop()
