@@ -113,3 +113,17 @@ def test_manifest_from_a_newer_cbir_is_refused(db, capsys):
 def test_healthy_database_checks_ok(photos_db, capsys):
     assert main(["check", str(photos_db)]) == 0
     assert capsys.readouterr().out.strip().endswith(": ok")
+
+
+def test_placements_pointing_at_other_rows_are_named_then_given_their_images_rows(db, capsys):
+    import sqlite3
+
+    before = results(db, capsys)
+    with sqlite3.connect(db / CATALOG_NAME) as conn:  # every placement one row off
+        conn.execute("UPDATE placements SET row = (row + 1) % 37")
+    conn.close()
+    assert main(["check", str(db)]) == 1
+    assert "37 images" not in (out := capsys.readouterr().out) and "placements that disagree" in out
+    assert main(["check", str(db), "--repair"]) == 0
+    assert main(["check", str(db)]) == 0
+    assert results(db, capsys) == before

@@ -28,7 +28,7 @@ from cbir.db.files import damaged
 from cbir.errors import DatabaseError
 
 CATALOG_NAME = "catalog.sqlite"
-SCHEMA_VERSION = 3  # 3: images.classes; 2: images.row (the search matrix), the meta table
+SCHEMA_VERSION = 3  # 3: images.classes, placements.row; 2: images.row, the meta table
 TOP_CLASSES = 32  # class probabilities kept per image: `cbir find` ranks with all 1000's
 # mean AP on evaldata at 32, and loses 0.05 at 4 (bench/bench_find.py)
 _SCHEMA = """
@@ -45,8 +45,9 @@ CREATE TABLE images (
                                 -- empty for a catalog rebuilt from category files
 );
 CREATE INDEX images_by_list ON images (list, row, id);
-CREATE TABLE placements (       -- image_id is stored in category wnid
-    wnid TEXT NOT NULL, image_id INTEGER NOT NULL, PRIMARY KEY (wnid, image_id)
+CREATE TABLE placements (       -- image_id is stored in category wnid; row: its images.row,
+    wnid TEXT NOT NULL,          -- so that a query reads a category's rows without a join
+    image_id INTEGER NOT NULL, row INTEGER NOT NULL, PRIMARY KEY (wnid, image_id)
 ) WITHOUT ROWID;
 CREATE TABLE category_sizes (   -- rows of placements per wnid, kept by each commit
     wnid TEXT PRIMARY KEY, n INTEGER NOT NULL
@@ -227,6 +228,22 @@ class Catalog:
                 bad.append(r[0])
         return bad
 
+    def misplaced_rows(self) -> int:
+        """Placements whose row is not their image's (or whose image is gone): damage."""
+        return int(self._one(  # type: ignore[arg-type]
+            "SELECT count(*) FROM placements p LEFT JOIN images i ON i.id = p.image_id "
+            "WHERE i.row IS NULL OR i.row != p.row"))
+
+    def mend_placements(self) -> None:
+        """check --repair: placements of no image dropped, the others given their image's row
+        (category sizes recounted)."""
+        with self.transaction() as conn:
+            conn.execute("DELETE FROM placements WHERE image_id NOT IN (SELECT id FROM images)")
+            _copy_rows_to_placements(conn)
+            conn.execute("DELETE FROM category_sizes")
+            conn.execute("INSERT INTO category_sizes SELECT wnid, count(*) FROM placements "
+                         "GROUP BY wnid")
+
     def unknown_categories(self) -> list[str]:
         """Category ids in placements or category_sizes that are not ImageNet classes."""
         names = {str(r[0]) for r in self._rows(
@@ -394,8 +411,7 @@ class Catalog:
             chunk = list(wnids[start : start + _IN_CHUNK])
             marks = ",".join("?" * len(chunk))
             found.update(self._rows(
-                f"SELECT i.id, i.row FROM placements p JOIN images i ON i.id = p.image_id "
-                f"WHERE p.wnid IN ({marks})", chunk))  # fmt: skip
+                f"SELECT image_id, row FROM placements WHERE wnid IN ({marks})", chunk))
         ids = np.fromiter(found.keys(), np.int64, len(found))
         rows = np.fromiter(found.values(), np.int64, len(found))
         order = np.argsort(rows, kind="stable")
@@ -486,6 +502,7 @@ class Catalog:
             left = conn.execute("SELECT count(*) FROM images WHERE row < 0").fetchone()[0]
             if left:
                 raise DatabaseError(f"{left} images were given no row of the new matrix")
+            _copy_rows_to_placements(conn)
             set_matrix_rows(conn, matrix_rows)
             conn.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
                              (("matrix_generation", generation), ("recorded_rows", matrix_rows)))
@@ -505,6 +522,10 @@ def encode_classes(indices: Sequence[int], probs: Sequence[float]) -> bytes:
             + np.asarray(probs, "<f2").tobytes())  # fmt: skip
 
 
+def _copy_rows_to_placements(conn: sqlite3.Connection) -> None:
+    conn.execute("UPDATE placements SET row = (SELECT i.row FROM images i WHERE i.id = image_id)")
+
+
 def set_matrix_rows(conn: sqlite3.Connection, n: int) -> None:
     conn.execute("INSERT OR REPLACE INTO meta VALUES ('matrix_rows', ?)", (n,))
 
@@ -522,9 +543,9 @@ def insert(
         ((r.image_id, r.sha256, r.stored_name, " ".join(r.wnids),
           np.asarray(r.probs, "<f4").tobytes(), r.row, r.ivf_list, r.top_classes) for r in new),
     )  # fmt: skip
-    placements = [(w, r.image_id) for r in new for w in r.wnids]
-    conn.executemany("INSERT INTO placements VALUES (?, ?)", placements)
-    _count(conn, Counter(w for w, _ in placements), +1)
+    placements = [(w, r.image_id, r.row) for r in new for w in r.wnids]
+    conn.executemany("INSERT INTO placements VALUES (?, ?, ?)", placements)
+    _count(conn, Counter(w for w, _, _ in placements), +1)
     displaced: set[int] = set()
     for path, rec in paths:
         key = os.fsencode(path)

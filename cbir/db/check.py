@@ -149,6 +149,12 @@ class _Checker:
                      f"not ImageNet classes ({unknown[0][:40]!r}...)", "forgotten")  # fmt: skip
             if self.w is not None:
                 catalog.forget_categories(unknown)
+        misplaced = catalog.misplaced_rows()
+        if misplaced:
+            self.say(f"{self.db.db_dir / CATALOG_NAME} has {misplaced} placements that disagree "
+                     "with their images' rows", "given their images' rows")  # fmt: skip
+            if self.w is not None:
+                catalog.mend_placements()
         bad = catalog.invalid_images()
         if bad:
             self.say(f"{self.db.db_dir / CATALOG_NAME} has {len(bad)} images with invalid "
