@@ -23,6 +23,7 @@ setup(
         "fastapi>=0.110",  # cbir serve: routing, validation, OpenAPI
         "uvicorn>=0.29",  # cbir serve: the ASGI server
         "python-multipart>=0.0.9",  # cbir serve: image uploads
+        "openTSNE>=1.0",  # cbir map: FFT-accelerated t-SNE, 60k images in minutes on 2 cores
     ],
     extras_require={
         "test": ["pytest>=7", "selenium>=4.10"],  # selenium drives Chromium in the page tests

@@ -305,6 +305,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object")
     p.set_defaults(handler=cmd_find)
 
+    p = commands.add_parser("map", help="a 2-D picture of the database's feature space")
+    p.add_argument("db_dir", type=Path)
+    p.add_argument("--plot", type=Path, metavar="FILE", required=True,
+                   help="where to save the figure (.png, .jpg, .pdf, .svg)")
+    p.add_argument("--method", choices=("auto", "tsne", "pca"), default="auto",
+                   help="auto: t-SNE up to 200,000 images, else PCA")
+    p.add_argument("--colour", "--color", dest="colour", choices=("category", "folder"),
+                   default="category",
+                   help="colour points by their top category, or by their source folder (labels)")
+    p.add_argument("--thumbnails", type=int, default=30, metavar="N",
+                   help="images drawn at their points, spread over the map")
+    p.set_defaults(handler=cmd_map)
+
     p = commands.add_parser("duplicates",
                             help="groups of identical and near-duplicate images")
     p.add_argument("db_dir", type=Path)
@@ -355,6 +368,7 @@ EXAMPLES = {
     "ls": "cbir ls pictures.db Egyptian_cat",
     "duplicates": "cbir duplicates pictures.db --threshold 0.9 --json",
     "find": "cbir find pictures.db musical instrument -n 10",
+    "map": "cbir map pictures.db --plot map.png --colour folder",
     "serve": "cbir serve pictures.db --port 8000",
 }
 
@@ -601,6 +615,32 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"{c['images']:>14}  {c['id']} {c['name']}")
     if len(sizes) > 20:
         print(f"{'':>14}  ... {len(sizes) - 20} more (--json lists all)")
+    return 0
+
+
+def cmd_map(args: argparse.Namespace) -> int:
+    from cbir import categories
+    from cbir.db import Database
+    from cbir.plotting import plot_map
+    from cbir.projection import project, spread_sample
+
+    plot = _plot_target(args.plot)
+    if args.thumbnails < 0:
+        raise CbirError("--thumbnails must be 0 or more")
+    names = categories.names_by_wnid()
+    with Database.open(args.db_dir) as db:
+        projection = project(db, args.method)
+        labels, stored = [], []
+        for image_id in projection.ids.tolist():
+            record = db.image(image_id)
+            paths = db.paths_of(image_id) if args.colour == "folder" else []
+            labels.append(Path(paths[0]).parent.name if paths else names[record.wnids[0]])
+            stored.append(db.stored_path(record))
+    chosen = spread_sample(projection.points, args.thumbnails)
+    method = {"tsne": "t-SNE", "pca": "PCA"}[projection.method]
+    plot_map(projection.points, labels, [(i, stored[i]) for i in chosen], plot,
+             f"{shown(args.db_dir)}: {len(labels)} images, {method}")  # fmt: skip
+    print(f"saved map {shown(plot)} ({len(labels)} images, {method})", file=sys.stderr)
     return 0
 
 

@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import logging
 import textwrap
+from collections import Counter
 from functools import lru_cache
 from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
 
 from cbir.errors import BadImage
 from cbir.images import thumbnail
@@ -118,3 +122,62 @@ def _show(ax, path: Path, title: str, color: str = "black") -> None:  # noqa: AN
     except BadImage:
         ax.text(0.5, 0.5, "(missing)", ha="center", va="center")
     ax.set_title(title, color=color, fontsize=FONT_SIZE, loc="left")
+
+
+MAP_COLOURS = 10  # the most frequent labels get a colour each, the rest are grey
+
+
+def plot_map(
+    points: npt.NDArray[np.float32],
+    labels: list[str],
+    thumbnails: list[tuple[int, Path]],
+    out_path: Path,
+    title: str,
+) -> list[str]:
+    """Save a scatter of `points` (n, 2) coloured by `labels` (n,), with thumbnails of the
+    images at positions `thumbnails` ((point index, image path) pairs). Returns the legend's
+    labels (the coloured ones, most frequent first, then "other")."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.offsetbox import AnnotationBbox, OffsetImage
+
+    logging.getLogger("matplotlib.font_manager").setLevel(logging.ERROR)
+    families, covered = _fonts()
+    counts = Counter(labels)
+    coloured = [label for label, _ in counts.most_common(MAP_COLOURS)]
+    palette = plt.get_cmap("tab10")
+    n = len(points)
+    size = 14 if n < 1000 else 4 if n < 20_000 else 1
+    legend = []
+    with plt.rc_context({"font.family": families, "font.size": FONT_SIZE}):
+        fig, ax = plt.subplots(figsize=(12, 10))
+        rest = np.array([label not in coloured for label in labels], bool)
+        if rest.any():
+            ax.scatter(points[rest, 0], points[rest, 1], s=size, c="#bbbbbb", linewidths=0,
+                       label=f"other ({int(rest.sum())})")  # fmt: skip
+        for k, label in enumerate(coloured):
+            mine = np.array([x == label for x in labels], bool)
+            ax.scatter(points[mine, 0], points[mine, 1], s=size, color=palette(k % 10),
+                       linewidths=0, label=renderable(f"{label} ({counts[label]})", covered))
+            legend.append(label)
+        if rest.any():
+            legend.append("other")
+        for position, path in thumbnails:
+            try:
+                image = np.asarray(thumbnail(path, 64))
+            except BadImage:
+                continue
+            box = AnnotationBbox(OffsetImage(image, zoom=0.6), tuple(points[position]),
+                                 frameon=True, pad=0.1)  # fmt: skip
+            ax.add_artist(box)
+        ax.set_title(renderable(title, covered))
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), markerscale=max(1, 8 / size),
+                  frameon=False)  # fmt: skip
+        fig.tight_layout()
+        fig.savefig(out_path, dpi=100)
+        plt.close(fig)
+    return legend
