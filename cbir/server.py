@@ -13,7 +13,6 @@ import asyncio
 import io
 import mimetypes
 import socket
-import sys
 import threading
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, Callable
@@ -40,8 +39,8 @@ THUMBNAIL_CACHE = 2048  # thumbnails kept in memory (about 15 kB each)
 FORM_OVERHEAD = 64_000  # bytes a form may add to its file (boundaries, headers, n, all)
 
 
-class TooLarge(Exception):
-    pass
+class _TooLarge(Exception):
+    """An upload passed its byte budget while it was being read."""
 
 
 def create_app(db: ImageDatabase, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES) -> FastAPI:
@@ -209,7 +208,7 @@ async def _read_form(request: Request, limit: int) -> Any:
         async for chunk in request.stream():
             seen += len(chunk)
             if seen > budget:
-                raise TooLarge
+                raise _TooLarge
             yield chunk
 
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
@@ -217,7 +216,7 @@ async def _read_form(request: Request, limit: int) -> Any:
     try:
         return await MultiPartParser(request.headers, capped(), max_files=1, max_fields=8,
                                      max_part_size=4096).parse()  # fmt: skip
-    except TooLarge:
+    except _TooLarge:
         raise _too_large(limit) from None
     except MultiPartException as exc:
         raise HTTPException(400, f"malformed form: {exc.message}") from None
@@ -290,4 +289,3 @@ def serve(
         asyncio.run(server.serve(sockets=[sock]))
     finally:
         sock.close()
-        sys.stdout.flush()

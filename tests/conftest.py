@@ -57,3 +57,15 @@ def lite0():
     from cbir.model import load_model
 
     return load_model("efficientnet_lite0")
+
+
+def photos_with_variants(root: Path, stems: tuple[str, ...]) -> Path:
+    """A source folder under `root`: the 37 photos, and the 8 near-duplicate variants of each
+    photo named in `stems` (in variants/)."""
+    source = root / "src"
+    shutil.copytree(TESTDATA / "photos", source / "photos")
+    (source / "variants").mkdir()
+    for stem in stems:
+        for variant in (TESTDATA / "near_duplicates").glob(f"{stem}__*.jpg"):
+            shutil.copy(variant, source / "variants" / variant.name)
+    return source

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from cbir.cli import main
-from tests.conftest import TESTDATA, needs_shared
+from tests.conftest import TESTDATA, needs_shared, photos_with_variants
 from tests.test_cli import run_cli, run_json
 
 pytestmark = needs_shared
@@ -21,12 +21,7 @@ STEMS = ("chelsea", "rocket")
 def db(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The 37 photos, the 16 variants of two of them, and one photo copied under a new name."""
     root = tmp_path_factory.mktemp("duplicates")
-    source = root / "src"
-    shutil.copytree(TESTDATA / "photos", source / "photos")
-    (source / "variants").mkdir()
-    for stem in STEMS:
-        for variant in (TESTDATA / "near_duplicates").glob(f"{stem}__*.jpg"):
-            shutil.copy(variant, source / "variants" / variant.name)
+    source = photos_with_variants(root, STEMS)
     shutil.copy(TESTDATA / "photos" / "food" / "coffee.jpg", source / "coffee (copy).jpg")
     db = root / "db"
     assert main(["create-db", str(source), str(db), "--model", "efficientnet_lite0"]) == 0

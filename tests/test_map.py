@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +11,7 @@ from PIL import Image
 from cbir.cli import main
 from cbir.db import Database
 from cbir.projection import project, spread_sample
-from tests.conftest import TESTDATA, needs_shared
+from tests.conftest import needs_shared, photos_with_variants
 from tests.test_cli import run_cli
 
 pytestmark = needs_shared
@@ -22,12 +21,7 @@ STEMS = ("chelsea", "coffee", "china")
 @pytest.fixture(scope="module")
 def db(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("map")
-    source = root / "src"
-    shutil.copytree(TESTDATA / "photos", source / "photos")
-    (source / "variants").mkdir()
-    for stem in STEMS:
-        for variant in (TESTDATA / "near_duplicates").glob(f"{stem}__*.jpg"):
-            shutil.copy(variant, source / "variants" / variant.name)
+    source = photos_with_variants(root, STEMS)
     assert main(["create-db", str(source), str(root / "db"), "--model", "efficientnet_lite0"]) == 0
     return root / "db"
 
