@@ -561,6 +561,8 @@ def _write_error(path: Path, exc: sqlite3.OperationalError) -> DatabaseError:
         return DatabaseError(f"no space left on the device writing {path}; free space and run "
                              "the same command again (what was committed is intact)")  # fmt: skip
     if "readonly" in text or "read-only" in text:
+        if not path.exists():  # SQLite's "readonly" for a file deleted or moved under it
+            return DatabaseError(f"{path} was deleted or moved while cbir was writing to it")
         return DatabaseError(f"{path} is read-only: cannot write to this database")
     return DatabaseError(f"cannot write {path} ({text})")
 
