@@ -15,6 +15,7 @@ stays loaded (once per process, whatever the number of opened databases).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 import threading
@@ -41,8 +42,9 @@ from cbir.query import (
     QueryResult,
     ResidentMatrix,
     content_id,
+    describe,
+    search_described,
     search_like,
-    search_pixels,
 )
 from cbir.search import DEFAULT_MIN_CANDIDATES, DEFAULT_QUERY_EXPANSION
 
@@ -52,6 +54,7 @@ __all__ = ["ImageDatabase", "Hit", "QueryResult", "IndexReport", "Removal", "cre
 # What a query may be: a file's path, its bytes, an (h, w, 3) or (h, w) uint8 array, or a
 # Pillow image.
 ImageInput = str | os.PathLike | bytes | npt.NDArray[np.uint8] | Image.Image
+PathsInput = str | os.PathLike | Sequence[str | os.PathLike]
 
 
 def create_db(
@@ -70,11 +73,10 @@ def create_db(
     """Index every image under `source` (a folder, or several paths) into `db_dir`, creating
     it if needed. Settings left None are the database's own, else the defaults
     (inception_resnet_v2, ImageNet weights, top-4, copies)."""
-    sources = [source] if isinstance(source, (str, os.PathLike)) else list(source)
     options = IndexOptions(backbone=model, weights=weights, top_k=top_k, link=link,
                            pooling=pooling, engine=engine, precision=precision)  # fmt: skip
     callbacks = Callbacks(on_skip=on_skip) if on_skip else None
-    return index_paths(Path(db_dir), [Path(s) for s in sources], options, callbacks)
+    return index_paths(Path(db_dir), _paths(source), options, callbacks)
 
 
 def open_db(
@@ -123,7 +125,8 @@ class ImageDatabase:
         self._engine = engine
         self._precision = precision
         self._model: Any = None
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # the catalog, the matrix and the resident copy
+        self._model_lock = threading.Lock()  # one inference at a time
 
     def __enter__(self) -> ImageDatabase:
         return self
@@ -178,15 +181,15 @@ class ImageDatabase:
         options = _options(n, all, exact, min_candidates, query_expansion, max_megapixels,
                            min_score, exclude_self)  # fmt: skip
         decoded = self._decoded(image, name, options)
-        with self._lock:
-            return search_pixels(self._db, self.model(), [decoded], options,
-                                 self._matrix_in_memory())[0]  # fmt: skip
+        return self._search([decoded], options)[0]
 
     def query_many(
         self, images: Iterable[ImageInput], n: int = 10, all: bool = False, **kwargs: Any  # noqa: A002
     ) -> list[QueryResult | BadImage]:
         """`query` for several images at once (their shared categories are read once); an
         image that cannot be decoded gives its BadImage in its place."""
+        if isinstance(images, (str, os.PathLike, bytes)):
+            raise CbirError("query_many takes a list of images (query takes one)")
         options = _options(n, all, **kwargs)
         decoded: list[DecodedQuery | BadImage] = []
         for image in images:
@@ -195,10 +198,20 @@ class ImageDatabase:
             except BadImage as bad:
                 decoded.append(bad)
         good = [d for d in decoded if not isinstance(d, BadImage)]
-        with self._lock:
-            found = iter(search_pixels(self._db, self.model(), good, options,
-                                       self._matrix_in_memory()))  # fmt: skip
+        found = iter(self._search(good, options))
         return [d if isinstance(d, BadImage) else next(found) for d in decoded]
+
+    def _search(self, decoded: list[DecodedQuery], options: QueryOptions) -> list[QueryResult]:
+        """The model describes the queries (one at a time: it is not shared between threads),
+        then the database is searched (readers of the catalog take turns)."""
+        if not decoded:
+            return []
+        model = self.model()
+        with self._model_lock:
+            described = describe(model, decoded)
+        with self._lock:
+            return search_described(self._db, decoded, described, options,
+                                    self._matrix_in_memory())  # fmt: skip
 
     def query_id(
         self, image_id: int, n: int = 10, all: bool = False, **kwargs: Any  # noqa: A002
@@ -257,15 +270,15 @@ class ImageDatabase:
 
     # -- changing it ------------------------------------------------------------------------
 
-    def add(self, paths: Sequence[str | os.PathLike], **options: Any) -> IndexReport:
+    def add(self, paths: PathsInput, **options: Any) -> IndexReport:
         """Index more files or folders, with the database's own settings."""
-        return index_paths(self.db_dir, [Path(p) for p in paths],
+        return index_paths(self.db_dir, _paths(paths),
                            IndexOptions(engine=self._engine, precision=self._precision,
                                         weights=self._weights, **options))  # fmt: skip
 
-    def remove(self, paths: Sequence[str | os.PathLike]) -> Removal:
+    def remove(self, paths: PathsInput) -> Removal:
         """Forget these source files (or every file under these folders)."""
-        return _remove_sources(self.db_dir, [Path(p) for p in paths])
+        return _remove_sources(self.db_dir, _paths(paths))
 
     def sync(self) -> Removal:
         """Forget source paths that no longer exist."""
@@ -324,21 +337,31 @@ class ImageDatabase:
         """(file name, content) of an image the catalog lists: its stored copy, read without
         following a link (a symlinked database: its first source file that still exists);
         None if the catalog does not list it or its file is gone. A request's text never
-        becomes a path: only the catalog's names do."""
+        becomes a path: only the catalog's names do, and a source file is served only with
+        the content hash the catalog has for it."""
         with self._lock:
             record = self._db.image(image_id)
             if record is None:
                 return None
             sources = self._db.paths_of(image_id)
             stored = self._db.stored_path(record)
-        candidates = [Path(p) for p in sources] if self._db.settings.link == "symlink" else []
         if not os.path.islink(stored.parent):
-            candidates.insert(0, stored)
-        for path in candidates:
-            data = _read_no_follow(path)
+            data = _read_no_follow(stored)
             if data is not None:
                 return record.stored_name, data
+        if self._db.settings.link == "symlink":  # the copies are links to the sources
+            for source in sources:
+                data = _read_no_follow(Path(source))
+                if data is not None and hashlib.sha256(data).hexdigest() == record.sha256:
+                    return record.stored_name, data  # the very content that was indexed
         return None
+
+
+def _paths(paths: PathsInput) -> list[Path]:
+    """One path or several: a lone string is a path, never a sequence of characters."""
+    if isinstance(paths, (str, os.PathLike)):
+        return [Path(paths)]
+    return [Path(p) for p in paths]
 
 
 def _options(

@@ -53,7 +53,7 @@ def _synsets_by_word() -> dict[str, list[str]]:
     found: dict[str, list[str]] = {}
     for wnid, names in words.items():
         for name in names:
-            found.setdefault(name.lower(), []).append(wnid)
+            found.setdefault(_normal(name), []).append(wnid)
     return found
 
 
@@ -64,13 +64,13 @@ def _normal(text: str) -> str:
 def _lookup(word: str) -> list[str]:
     """Synsets a word names, trying its singular for plurals ("dogs", "boxes", "berries")."""
     index = _synsets_by_word()
-    candidates = [word]
+    candidates = [word]  # "oranges" -> "orange" before "orang" (an orangutan)
     if word.endswith("ies"):
         candidates.append(word[:-3] + "y")
-    if word.endswith("es"):
-        candidates.append(word[:-2])
     if word.endswith("s"):
         candidates.append(word[:-1])
+    if word.endswith("es"):
+        candidates.append(word[:-2])
     for candidate in candidates:
         if candidate in index:
             return index[candidate]
@@ -107,10 +107,9 @@ def find(db: Database, words: list[str], n: int = 20) -> FindResult:
     concepts, classes = match(words)
     position = {w: i for i, w in enumerate(categories.wnids())}
     wanted = np.array([position[w] for w in classes], np.int64)
-    with db.catalog.snapshot():
-        ids, top, probs = db.catalog.class_probabilities()
-        mass = np.where(np.isin(top, wanted), probs, 0).sum(axis=1)
-        held = np.flatnonzero(mass > 0)
-        best = held[np.lexsort((ids[held], -mass[held]))][:n]
-        found = hits(db, ids[best], mass[best].astype(np.float32))
+    ids, top, probs = db.catalog.class_probabilities()  # one streamed read
+    mass = np.where(np.isin(top, wanted), probs, 0).sum(axis=1)
+    held = np.flatnonzero(mass > 0)
+    best = held[np.lexsort((ids[held], -mass[held]))][:n]
+    found = hits(db, ids[best], mass[best].astype(np.float32))  # images removed since: left out
     return FindResult(" ".join(words), tuple(concepts), tuple(classes), tuple(found))

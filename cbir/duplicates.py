@@ -46,7 +46,7 @@ def find_duplicates(db: Database, threshold: float = DEFAULT_THRESHOLD) -> list[
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
-    with db.catalog.snapshot():
+    with db.catalog.snapshot():  # read one committed state; compute after, not blocking writers
         ids, rows = db.catalog.all_rows()
         matrix = db.matrix()
         codes = Float16Rows(matrix.dim)
@@ -54,28 +54,30 @@ def find_duplicates(db: Database, threshold: float = DEFAULT_THRESHOLD) -> list[
         for start in range(0, len(rows), SCAN_BLOCK_ROWS):
             block = rows[start : start + SCAN_BLOCK_ROWS]
             matrix.gather_codes(block, view[start : start + len(block)])
-        first, second, link_scores = similar_pairs(codes, threshold)
-        graph = coo_matrix((np.ones(len(first), np.int8), (first, second)),
-                           shape=(len(ids), len(ids)))  # fmt: skip
-        _, labels = connected_components(graph, directed=False)
         several_paths = db.catalog.images_with_several_paths()
-        sizes = np.bincount(labels)
-        wanted = (sizes[labels] > 1) | np.isin(ids, np.array(sorted(several_paths), np.int64))
-        by_label: dict[int, list[int]] = {}
-        for position in np.flatnonzero(wanted).tolist():
-            by_label.setdefault(int(labels[position]), []).append(position)
-        groups = []
-        weakest = np.full(len(ids), 1.0, np.float32)  # per component: its weakest link
-        np.minimum.at(weakest, labels[first], link_scores)
-        for label, members in by_label.items():
-            paths = sorted(p for m in members for p in db.paths_of(int(ids[m])))
-            if len(members) <= EXACT_GROUP:
-                features = codes.rows(np.array(members, np.int64))
-                cosines = (features @ features.T)[np.triu_indices(len(members), 1)]
-                score = min(float(cosines.min()), 1.0) if len(cosines) else 1.0
-            else:
-                score = float(weakest[label])
-            groups.append(DuplicateGroup(tuple(int(ids[m]) for m in members), tuple(paths), score))
+    first, second, link_scores = similar_pairs(codes, threshold)
+    graph = coo_matrix((np.ones(len(first), np.int8), (first, second)),
+                       shape=(len(ids), len(ids)))  # fmt: skip
+    _, labels = connected_components(graph, directed=False)
+    sizes = np.bincount(labels)
+    wanted = (sizes[labels] > 1) | np.isin(ids, np.array(sorted(several_paths), np.int64))
+    by_label: dict[int, list[int]] = {}
+    for position in np.flatnonzero(wanted).tolist():
+        by_label.setdefault(int(labels[position]), []).append(position)
+    groups = []
+    weakest = np.full(len(ids), 1.0, np.float32)  # per component: its weakest link
+    np.minimum.at(weakest, labels[first], link_scores)
+    for label, members in by_label.items():
+        paths = sorted(p for m in members for p in db.paths_of(int(ids[m])))
+        if len(paths) < 2:  # removed since the snapshot
+            continue
+        if len(members) <= EXACT_GROUP:
+            features = codes.rows(np.array(members, np.int64))
+            cosines = (features @ features.T)[np.triu_indices(len(members), 1)]
+            score = min(float(cosines.min()), 1.0) if len(cosines) else 1.0
+        else:
+            score = float(weakest[label])
+        groups.append(DuplicateGroup(tuple(int(ids[m]) for m in members), tuple(paths), score))
     return sorted(groups, key=lambda g: (g.score, g.paths[0]))
 
 
@@ -108,12 +110,15 @@ def similar_pairs(
     for start in range(0, n, QUERY_BLOCK):
         queries = codes.rows(np.arange(start, min(start + QUERY_BLOCK, n)))
         found_scores, found = index.search(queries, min(NEIGHBOURS + 1, n))
-        owner = start + np.arange(len(queries))[:, None]
-        keep = (found_scores >= threshold) & (found > owner)  # each pair once, no self-pairs
-        firsts.append(np.broadcast_to(owner, found.shape)[keep].astype(np.int32))
-        seconds.append(found[keep].astype(np.int32))
+        owner = np.broadcast_to(start + np.arange(len(queries))[:, None], found.shape)
+        # A pair found from either side counts: j may be among i's neighbours or i among j's.
+        keep = (found_scores >= threshold) & (found >= 0) & (found != owner)
+        firsts.append(np.minimum(owner, found)[keep].astype(np.int32))
+        seconds.append(np.maximum(owner, found)[keep].astype(np.int32))
         scores.append(found_scores[keep])
-    return np.concatenate(firsts), np.concatenate(seconds), np.concatenate(scores)
+    pairs = np.stack([np.concatenate(firsts), np.concatenate(seconds)], axis=1)
+    pairs, first = np.unique(pairs, axis=0, return_index=True)
+    return pairs[:, 0], pairs[:, 1], np.concatenate(scores)[first]
 
 
 def group_json(group: DuplicateGroup, shown: Callable[[object], str] = str) -> dict[str, object]:

@@ -48,7 +48,8 @@ def plot_results(results: list[QueryResult], out_path: Path, n_results: int = 10
     n_cols = 1 + min(shown, RESULTS_PER_ROW, max((len(r.hits) for r in results), default=1))
     n_rows = sum(blocks)
     titles: list[str] = []
-    with plt.rc_context({"font.family": families, "font.size": FONT_SIZE}):
+    with plt.rc_context({"font.family": families, "font.size": FONT_SIZE,
+                         "text.parse_math": False}):
         fig, axes = plt.subplots(n_rows, max(n_cols, 2), figsize=(2.9 * max(n_cols, 2),
                                  3.3 * n_rows), squeeze=False)  # fmt: skip
         for ax in axes.flat:
@@ -151,7 +152,8 @@ def plot_map(
     n = len(points)
     size = 14 if n < 1000 else 4 if n < 20_000 else 1
     legend = []
-    with plt.rc_context({"font.family": families, "font.size": FONT_SIZE}):
+    with plt.rc_context({"font.family": families, "font.size": FONT_SIZE,
+                         "text.parse_math": False}):
         fig, ax = plt.subplots(figsize=(12, 10))
         rest = np.array([label not in coloured for label in labels], bool)
         if rest.any():

@@ -21,7 +21,7 @@ from cbir.errors import BadImage, CbirError
 from cbir.features import expand_query
 from cbir.hashing import image_id_of
 from cbir.images import DEFAULT_MAX_MEGAPIXELS, load_image
-from cbir.model import Model, get_backbone, load_model, resolve_weights
+from cbir.model import Descriptions, Model, get_backbone, load_model, resolve_weights
 from cbir.ranking import Float16Rows, rank
 from cbir.search import (
     DEFAULT_MIN_CANDIDATES,
@@ -143,7 +143,21 @@ def search_pixels(
     state of the catalog."""
     if not loaded:
         return []
-    described = model.describe_in_batches([pixels for _, pixels, _ in loaded], QUERY_BATCH)
+    return search_described(db, loaded, describe(model, loaded), options, resident)
+
+
+def describe(model: Model, loaded: list[DecodedQuery]) -> Descriptions:
+    """The model's classes and features of decoded queries, QUERY_BATCH at a time."""
+    return model.describe_in_batches([pixels for _, pixels, _ in loaded], QUERY_BATCH)
+
+
+def search_described(
+    db: Database, loaded: list[DecodedQuery], described: Descriptions, options: QueryOptions,
+    resident: ResidentMatrix | None = None,
+) -> list[QueryResult]:
+    """Rank the database for each described query, against one committed catalog state."""
+    if not loaded:
+        return []
     with db.catalog.snapshot():
         if resident is not None:
             resident.refresh(db)
@@ -196,6 +210,7 @@ class ResidentMatrix:
     def __init__(self, dim: int) -> None:
         self.rows = Float16Rows(dim)
         self._generation = -1
+        self._read = 0  # rows of that generation in memory
         self._state: tuple[int, int, int] | None = None  # (generation, rows, images)
         self._by_wnid: dict[str, tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]] = {}
         self._live: tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]] | None = None
@@ -212,14 +227,13 @@ class ResidentMatrix:
             return
         self._by_wnid.clear()
         self._live = None
-        have = len(self.rows) if generation == self._generation else 0
-        if n_rows < have:
-            have = 0
-        view = self.rows.buffer(n_rows)
+        have = self._read if generation == self._generation and n_rows >= self._read else 0
+        self._read, self._state = 0, None  # until every row is in (a failed read: all again)
         matrix = db.matrix()
+        view = self.rows.buffer(n_rows)
         for start in range(have, n_rows, SCAN_BLOCK_ROWS):
             matrix.read_codes(start, view[start : min(start + SCAN_BLOCK_ROWS, n_rows)])
-        self._generation, self._state = generation, state
+        self._generation, self._state, self._read = generation, state, n_rows
 
     def category_rows(
         self, db: Database, wnids: tuple[str, ...]

@@ -24,6 +24,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from cbir import categories
 from cbir.api import ImageDatabase, result_json
@@ -43,9 +44,17 @@ class _TooLarge(Exception):
     """An upload passed its byte budget while it was being read."""
 
 
-def create_app(db: ImageDatabase, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES) -> FastAPI:
-    """The application: the page at /, the JSON API under /api (OpenAPI at /openapi.json)."""
+def create_app(
+    db: ImageDatabase,
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+    allowed_hosts: list[str] | None = None,
+) -> FastAPI:
+    """The application: the page at /, the JSON API under /api (OpenAPI at /openapi.json).
+    `allowed_hosts`: the Host headers answered (others get 400), so that a web page whose
+    name is re-pointed at 127.0.0.1 (DNS rebinding) cannot read the API; None: any."""
     app = FastAPI(title="cbir", description=f"Image search over {db.db_dir}", version="1")
+    if allowed_hosts is not None:
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)
     thumbnails = _ThumbnailCache(db, THUMBNAIL_CACHE)
     page = resources.files("cbir").joinpath("data/page.html").read_text(encoding="utf-8")
 
@@ -173,7 +182,7 @@ def _form_int(form: Any, key: str, default: int) -> int:
     value = form.get(key)
     if value is None:
         return default
-    if not isinstance(value, str) or not value.isdigit():
+    if not isinstance(value, str) or not (value.isascii() and value.isdigit()):
         raise HTTPException(400, f"{key} must be a number")
     _check_n(int(value))
     return int(value)
@@ -233,6 +242,8 @@ class _ThumbnailCache:
         self._lock = threading.Lock()
 
     def get(self, image_id: int) -> bytes | None:
+        if self.db.image(image_id) is None:  # removed since it was cached
+            return None
         with self._lock:
             if image_id in self._cache:
                 self._cache.move_to_end(image_id)
@@ -268,7 +279,9 @@ def serve(
     import uvicorn
 
     db.warm_up()
-    app = create_app(db, max_upload_bytes)
+    loopback = ["127.0.0.1", "localhost", "::1", "[::1]"]
+    app = create_app(db, max_upload_bytes,
+                     loopback if host in loopback else None)  # fmt: skip
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -65,7 +65,8 @@ class Server:
         """One request, the path sent exactly as given (no normalisation)."""
         conn = http.client.HTTPConnection(self.host, self.port, timeout=120)
         try:
-            conn.putrequest(method, path, skip_accept_encoding=True)
+            conn.putrequest(method, path, skip_accept_encoding=True,
+                            skip_host="Host" in (headers or {}))  # fmt: skip
             for key, value in (headers or {}).items():
                 conn.putheader(key, value)
             if body is not None and "Transfer-Encoding" not in (headers or {}):

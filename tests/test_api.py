@@ -146,3 +146,62 @@ def test_an_empty_database_answers_with_no_results(tmp_path: Path, in_memory: bo
         assert db.categories() == [] and db.info()["images"] == 0
         with pytest.raises(KeyError):
             db.query_id(1)
+
+
+@needs_shared
+def test_one_path_given_as_a_string_is_one_path(tmp_path: Path, photos_db: Path) -> None:
+    """A lone string is never taken for a sequence of one-character paths ("/" is all)."""
+    copy = tmp_path / "db"
+    shutil.copytree(photos_db, copy)
+    with cbir.open_db(copy) as db:
+        cheetah = next(p for p in (h.path for h in db.query(CHELSEA_ROT5, n=37).hits)
+                       if p.endswith("animals/IMG_0001.jpg"))  # fmt: skip
+        removal = db.remove(cheetah)
+        assert (removal.images, removal.paths) == (1, 1)
+        assert db.info()["images"] == 36
+        with pytest.raises(CbirError, match="list of images"):
+            db.query_many(str(CHELSEA_ROT5))
+
+
+@needs_shared
+def test_a_symlinked_database_serves_a_source_only_with_its_indexed_content(tmp_path: Path) -> None:
+    source = tmp_path / "src"
+    source.mkdir()
+    shutil.copy(TESTDATA / "photos" / "food" / "coffee.jpg", source / "coffee.jpg")
+    shutil.copy(TESTDATA / "photos" / "animals" / "chelsea.jpg", source / "chelsea.jpg")
+    cbir.create_db(source, tmp_path / "db", model="efficientnet_lite0", link="symlink")
+    with cbir.open_db(tmp_path / "db") as db:
+        coffee = db.query(source / "coffee.jpg", n=1).hits[0]
+        assert db.image_bytes(coffee.id)[1] == (source / "coffee.jpg").read_bytes()
+        shutil.copy(TESTDATA / "photos" / "food" / "cherries.jpg", source / "coffee.jpg")
+        assert db.image_bytes(coffee.id) is None  # another content now: not served as this id
+
+
+@needs_shared
+def test_a_server_side_matrix_recovers_from_a_failed_read(tmp_path: Path, photos_db: Path) -> None:
+    """Rows a failed refresh did not read are read by the next one, never left as zeros."""
+    from cbir.query import ResidentMatrix
+
+    copy = tmp_path / "db"
+    shutil.copytree(photos_db, copy)
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    for name in ("chelsea__grey.jpg", "coffee__hflip.jpg"):
+        shutil.copy(TESTDATA / "near_duplicates" / name, extra / name)
+    with cbir.open_db(copy) as db:
+        reader = db.database
+        resident = ResidentMatrix(reader.settings.feature_dim)
+        resident.refresh(reader)
+        db.add([extra])
+        matrix = next(copy.glob("matrix-*.f16"))
+        whole = matrix.read_bytes()
+        matrix.write_bytes(whole[: 37 * 2 * reader.settings.feature_dim])  # the new rows lost
+        reader.close()
+        with pytest.raises(DatabaseError):
+            resident.refresh(reader)
+        matrix.write_bytes(whole)
+        reader.close()
+        resident.refresh(reader)
+        assert len(resident.rows) == 39
+        stored = np.frombuffer(whole, "<f2").reshape(-1, reader.settings.feature_dim)[:39]
+        np.testing.assert_array_equal(resident.rows.buffer_view().view("<f2"), stored)

@@ -60,3 +60,27 @@ def test_text_output_and_bad_thresholds(db: Path) -> None:
     bad = run_cli("duplicates", str(db), "--threshold", "2")
     assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "between -1 and 1" in bad.stderr
     assert json.loads(run_cli("duplicates", str(db), "--json").stdout.splitlines()[0])["paths"]
+
+
+def test_a_pair_counts_when_found_from_either_side() -> None:
+    """Row 40 is near all of a tight cluster of 40: each of those has 32 nearer neighbours,
+    so only row 40's own search (its 32 nearest) finds its pairs, and they must count."""
+    import numpy as np
+
+    from cbir.duplicates import NEIGHBOURS, similar_pairs
+    from cbir.ranking import Float16Rows
+
+    rng = np.random.default_rng(0)
+    centre = rng.normal(size=64)
+    centre /= np.linalg.norm(centre)
+    rows = centre + 0.01 * rng.normal(size=(40, 64))
+    outsider = centre + 0.12 * rng.normal(size=64)  # cosine about 0.7 to each of them
+    features = np.vstack([rows, outsider, rng.normal(size=(20, 64))])
+    features /= np.linalg.norm(features, axis=1, keepdims=True)
+    codes = Float16Rows(64)
+    codes.buffer(len(features))[:] = features.astype("<f2").view(np.uint8)
+    threshold = float(np.sort(features[:40] @ features[40])[0]) - 0.01  # float16 rounding
+    first, second, _ = similar_pairs(codes, threshold)
+    pairs = set(zip(first.tolist(), second.tolist(), strict=True))
+    assert len({i for i, j in pairs if j == 40}) == NEIGHBOURS  # all that row 40 found
+    assert len(pairs) == len(first)  # each pair once

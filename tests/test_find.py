@@ -72,3 +72,10 @@ def test_classes_below_an_images_top_k_still_find_it(photos_db: Path) -> None:
         assert wnids()[fifth] not in record.wnids  # not one of its categories
         found = find(db, [names_by_wnid()[wnids()[fifth]]], n=37)
         assert int(ids[image]) in [h.id for h in found.hits]
+
+
+def test_plurals_and_hyphenated_words() -> None:
+    _, oranges = match(["oranges"])
+    assert [names_by_wnid()[c] for c in oranges] == ["orange"]  # not orangutan ("orang")
+    _, shirts = match(["t-shirt"])
+    assert "jersey" in {names_by_wnid()[c] for c in shirts}

@@ -62,3 +62,13 @@ def test_characters_no_font_has_are_written_as_their_code() -> None:
     latin = frozenset(range(0x250))
     assert renderable("猫.jpg", latin) == "\\u732b.jpg"
     assert renderable("café.jpg", latin) == "café.jpg"
+
+
+def test_dollar_signs_in_names_are_text_not_math(tmp_path: Path) -> None:
+    import numpy as np
+
+    from cbir.plotting import plot_map
+
+    points = np.random.default_rng(0).random((20, 2)).astype(np.float32)
+    labels = ["a$^$b", "$5 $10"] * 10
+    assert plot_map(points, labels, [], tmp_path / "map.png", "prices $5 and $10") == labels[:2]

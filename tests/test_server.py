@@ -171,8 +171,16 @@ def test_a_bad_upload_is_400_with_the_reason(served: Server, name: str, reason: 
     assert status == 400 and reason in reply["detail"], reply
 
 
+def test_another_host_name_is_refused(served: Server) -> None:
+    """A page whose name was re-pointed at 127.0.0.1 (DNS rebinding) cannot read the API."""
+    status, _, body = served.request("GET", "/api/info", headers={"Host": "evil.example"})
+    assert status == 400 and b"photos.db" not in body
+    assert served.request("GET", "/api/info", headers={"Host": "localhost"})[0] == 200
+
+
 def test_malformed_requests_are_400(served: Server) -> None:
     photo = (NEAR / "coffee__q30.jpg").read_bytes()
+    assert served.upload("/api/query", photo, n="\u00b2")[0] == 400  # a digit, not ASCII
     assert served.upload("/api/query?n=0", photo)[0] == 400
     assert served.upload("/api/query", photo, n="many")[0] == 400
     status, _, _ = served.request("POST", "/api/query", photo, {"Content-Type": "image/jpeg"})

@@ -108,6 +108,7 @@ class Catalog:
         self.path = path
         self._conn = connection
         self._lock = threading.RLock()
+        self._snapshots = 0  # depth of snapshot() blocks open on this connection
 
     @classmethod
     def open(cls, path: Path, writable: bool = True) -> Catalog:
@@ -363,11 +364,12 @@ class Catalog:
             ):  # fmt: skip
                 row_classes[:k], row_probs[:k] = found, values
             else:
-                wnid_list = str(wnids).split()[:TOP_CLASSES]
+                wnid_list = str(wnids).split()
                 if isinstance(stored_probs, bytes) and len(stored_probs) == 4 * len(wnid_list) \
                         and all(w in position for w in wnid_list):
-                    row_classes[: len(wnid_list)] = [position[w] for w in wnid_list]
-                    row_probs[: len(wnid_list)] = np.frombuffer(stored_probs, "<f4")
+                    kept = wnid_list[:TOP_CLASSES]
+                    row_classes[: len(kept)] = [position[w] for w in kept]
+                    row_probs[: len(kept)] = np.frombuffer(stored_probs, "<f4")[: len(kept)]
             ids.append(int(image_id))
             batch_classes.append(row_classes)
             batch_probs.append(row_probs)
@@ -439,17 +441,28 @@ class Catalog:
         this reader (a server while `cbir add` runs) waits until the block ends. Meant for
         one query (milliseconds): other threads using this catalog wait too."""
         with self._lock:
-            if self._conn.in_transaction:  # nested: the outer snapshot holds
-                yield
+            if self._snapshots:  # nested: the outer snapshot holds
+                self._snapshots += 1
+                try:
+                    yield
+                finally:
+                    self._snapshots -= 1
                 return
             try:
                 self._conn.execute("BEGIN")
                 self._conn.execute("SELECT count(*) FROM meta").fetchall()  # take the lock now
             except sqlite3.DatabaseError as exc:
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
+                    raise DatabaseError(f"{self.path} stayed locked by a writer; try again") \
+                        from exc
                 raise damaged(self.path, exc) from exc
+            self._snapshots = 1
             try:
                 yield
             finally:
+                self._snapshots = 0
                 self._conn.execute("COMMIT")
 
     # -- writing (the writer only) ----------------------------------------------------------
