@@ -81,7 +81,7 @@ def hit_labels(hits: tuple[Hit, ...] | list[Hit]) -> list[str]:
     parts = [Path(h.path).parts for h in hits]
     depth = 1
     while True:
-        labels = ["/".join(p[-depth:]) for p in parts]
+        labels = ["/".join(p[-depth:]).replace("//", "/", 1) for p in parts]
         if len(set(labels)) == len(labels) or depth >= max((len(p) for p in parts), default=1):
             break
         depth += 1

@@ -536,7 +536,8 @@ def encode_classes(indices: Sequence[int], probs: Sequence[float]) -> bytes:
 
 
 def _copy_rows_to_placements(conn: sqlite3.Connection) -> None:
-    conn.execute("UPDATE placements SET row = (SELECT i.row FROM images i WHERE i.id = image_id)")
+    conn.execute("UPDATE placements SET row = (SELECT i.row FROM images i WHERE i.id = image_id) "
+                 "WHERE image_id IN (SELECT id FROM images)")  # an orphan is check's to drop
 
 
 def set_matrix_rows(conn: sqlite3.Connection, n: int) -> None:
