@@ -279,9 +279,9 @@ def serve(
     import uvicorn
 
     db.warm_up()
-    loopback = ["127.0.0.1", "localhost", "::1", "[::1]"]
+    loopback = ["127.0.0.1", "localhost", "::1"]
     app = create_app(db, max_upload_bytes,
-                     loopback if host in loopback else None)  # fmt: skip
+                     [*loopback, "[::1]"] if host in loopback else None)  # fmt: skip
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
