@@ -116,9 +116,9 @@ def similar_pairs(
         firsts.append(np.minimum(owner, found)[keep].astype(np.int32))
         seconds.append(np.maximum(owner, found)[keep].astype(np.int32))
         scores.append(found_scores[keep])
-    pairs = np.stack([np.concatenate(firsts), np.concatenate(seconds)], axis=1)
-    pairs, first = np.unique(pairs, axis=0, return_index=True)
-    return pairs[:, 0], pairs[:, 1], np.concatenate(scores)[first]
+    keys = np.concatenate(firsts).astype(np.int64) * n + np.concatenate(seconds)  # one per pair
+    keys, first = np.unique(keys, return_index=True)
+    return (keys // n).astype(np.int32), (keys % n).astype(np.int32), np.concatenate(scores)[first]
 
 
 def group_json(group: DuplicateGroup, shown: Callable[[object], str] = str) -> dict[str, object]:
