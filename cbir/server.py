@@ -242,13 +242,13 @@ class _ThumbnailCache:
         self._lock = threading.Lock()
 
     def get(self, image_id: int) -> bytes | None:
-        if self.db.image(image_id) is None:  # removed since it was cached
-            return None
         with self._lock:
-            if image_id in self._cache:
+            cached = self._cache.get(image_id)
+            if cached is not None:
                 self._cache.move_to_end(image_id)
-                return self._cache[image_id]
-        found = self.db.image_bytes(image_id)
+        if cached is not None:  # served only while the catalog still lists the image
+            return cached if self.db.image(image_id) is not None else None
+        found = self.db.image_bytes(image_id)  # None if the catalog does not list it
         if found is None:
             return None
         name, data = found

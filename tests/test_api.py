@@ -43,6 +43,17 @@ def test_the_readmes_python_example_runs(tmp_path: Path) -> None:
     assert (work / "photos.db" / "catalog.sqlite").is_file()
 
 
+def copy_with_extra(tmp_path: Path, photos_db: Path, names: dict[str, str]) -> tuple[Path, Path]:
+    """(a private copy of the photos database, a folder of near-duplicates not in it, each
+    under its new name: near_duplicates/NAME -> extra/NEW_NAME)."""
+    copy, extra = tmp_path / "db", tmp_path / "extra"
+    shutil.copytree(photos_db, copy)
+    extra.mkdir()
+    for name, new_name in names.items():
+        shutil.copy(TESTDATA / "near_duplicates" / name, extra / new_name)
+    return copy, extra
+
+
 @pytest.fixture(scope="module")
 def db(photos_db: Path):
     with cbir.open_db(photos_db) as opened:
@@ -116,11 +127,7 @@ def test_info_and_categories_are_what_the_cli_reports(db, photos_db: Path) -> No
 
 @needs_shared
 def test_add_and_remove_keep_the_databases_settings(tmp_path: Path, photos_db: Path) -> None:
-    copy = tmp_path / "db"
-    shutil.copytree(photos_db, copy)
-    extra = tmp_path / "extra"
-    extra.mkdir()
-    shutil.copy(TESTDATA / "near_duplicates" / "coffee__grey.jpg", extra / "grey coffee.jpg")
+    copy, extra = copy_with_extra(tmp_path, photos_db, {"coffee__grey.jpg": "grey coffee.jpg"})
     with cbir.open_db(copy) as db:
         report = db.add([extra])
         assert (report.indexed, len(report.skipped)) == (1, 0)
@@ -182,12 +189,8 @@ def test_a_server_side_matrix_recovers_from_a_failed_read(tmp_path: Path, photos
     """Rows a failed refresh did not read are read by the next one, never left as zeros."""
     from cbir.query import ResidentMatrix
 
-    copy = tmp_path / "db"
-    shutil.copytree(photos_db, copy)
-    extra = tmp_path / "extra"
-    extra.mkdir()
-    for name in ("chelsea__grey.jpg", "coffee__hflip.jpg"):
-        shutil.copy(TESTDATA / "near_duplicates" / name, extra / name)
+    copy, extra = copy_with_extra(tmp_path, photos_db, {"chelsea__grey.jpg": "chelsea__grey.jpg",
+                                                        "coffee__hflip.jpg": "coffee__hflip.jpg"})
     with cbir.open_db(copy) as db:
         reader = db.database
         resident = ResidentMatrix(reader.settings.feature_dim)
