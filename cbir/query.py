@@ -15,6 +15,7 @@ import numpy.typing as npt
 
 from cbir import categories
 from cbir.db import Database, check_compatible, ivf
+from cbir.db.catalog import ImageRecord
 from cbir.db.database import CategoryMembers
 from cbir.db.matrix import SCAN_BLOCK_ROWS, SearchMatrix
 from cbir.errors import BadImage, CbirError
@@ -212,8 +213,8 @@ class ResidentMatrix:
         self._generation = -1
         self._read = 0  # rows of that generation in memory
         self._state: tuple[int, int, int] | None = None  # (generation, rows, images)
-        self._by_wnid: dict[str, tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]] = {}
-        self._live: tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]] | None = None
+        self._by_wnid: dict[str, npt.NDArray[np.int64]] = {}  # wnid -> its sorted rows
+        self._live: npt.NDArray[np.int64] | None = None  # the rows of every image, sorted
 
     @classmethod
     def fits(cls, db: Database) -> bool:
@@ -235,40 +236,29 @@ class ResidentMatrix:
             matrix.read_codes(start, view[start : min(start + SCAN_BLOCK_ROWS, n_rows)])
         self._generation, self._state, self._read = generation, state, n_rows
 
-    def category_rows(
-        self, db: Database, wnids: tuple[str, ...]
-    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
-        """(ids, rows) of the images in any of `wnids`, sorted by row, each once."""
-        if not wnids:
-            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    def category_rows(self, db: Database, wnids: tuple[str, ...]) -> npt.NDArray[np.int64]:
+        """The sorted rows of the images in any of `wnids`, each once."""
         for wnid in wnids:
             if wnid not in self._by_wnid:
                 self._by_wnid[wnid] = db.catalog.rows_of_categories([wnid])
         if len(wnids) == 1:
             return self._by_wnid[wnids[0]]
-        ids = np.concatenate([self._by_wnid[w][0] for w in wnids])
-        rows = np.concatenate([self._by_wnid[w][1] for w in wnids])
-        rows, first = np.unique(rows, return_index=True)
-        return ids[first], rows
+        return np.unique(np.concatenate([np.zeros(0, np.int64),
+                                         *(self._by_wnid[w] for w in wnids)]))  # fmt: skip
 
-    def live_rows(self, db: Database) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
-        """(ids, rows) of every committed image, sorted by row."""
+    def live_rows(self, db: Database) -> npt.NDArray[np.int64]:
+        """The sorted rows of every committed image."""
         if self._live is None:
-            self._live = db.catalog.all_rows()
+            self._live = db.catalog.all_rows()[1]
         return self._live
 
     def rank(
-        self,
-        ids: npt.NDArray[np.int64],
-        rows: npt.NDArray[np.int64],
-        query: npt.NDArray[np.float32],
-        options: QueryOptions,
+        self, rows: npt.NDArray[np.int64], query: npt.NDArray[np.float32], options: QueryOptions
     ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
-        """(ids, scores) of the best of the candidates (ids, their rows sorted), best first."""
+        """(rows, scores) of the best of the candidate rows (sorted), best first."""
         everything = len(rows) == len(self.rows)
-        best, scores = rank(self.rows, query, options.n_results, options.query_expansion,
-                            None if everything else rows)  # fmt: skip
-        return ids[np.searchsorted(rows, best)], scores
+        return rank(self.rows, query, options.n_results, options.query_expansion,
+                    None if everything else rows)  # fmt: skip
 
 
 class CandidatePool:
@@ -282,9 +272,8 @@ class CandidatePool:
 
     def __init__(self, db: Database) -> None:
         self.db = db
-        self.by_wnid: dict[str, tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]] = {}
-        self.rows = np.zeros(0, np.int64)
-        self.ids = np.zeros(0, np.int64)
+        self.by_wnid: dict[str, npt.NDArray[np.int64]] = {}  # wnid -> its sorted rows
+        self.rows = np.zeros(0, np.int64)  # the pool's rows, sorted
         self.index: Float16Rows | None = None
 
     def gather(self, gatings: list[tuple[str, ...]]) -> None:
@@ -292,10 +281,7 @@ class CandidatePool:
             self.by_wnid[wnid] = self.db.catalog.rows_of_categories([wnid])
         if not self.by_wnid:
             return
-        rows = np.concatenate([r for _, r in self.by_wnid.values()])
-        ids = np.concatenate([i for i, _ in self.by_wnid.values()])
-        self.rows, first = np.unique(rows, return_index=True)
-        self.ids = ids[first]
+        self.rows = np.unique(np.concatenate(list(self.by_wnid.values())))
         if len(self.rows) > self.POOL_ROWS:
             self.by_wnid.clear()
             return
@@ -305,15 +291,15 @@ class CandidatePool:
     def rank(
         self, wnids: tuple[str, ...], query: npt.NDArray[np.float32], options: QueryOptions
     ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32], int] | None:
-        """(ids, scores, rows searched) among the rows of `wnids`; None if not pooled."""
+        """(rows, scores, rows searched) among the rows of `wnids`; None if not pooled."""
         if self.index is None or any(w not in self.by_wnid for w in wnids):
             return None
-        rows = np.unique(np.concatenate([self.by_wnid[w][1] for w in wnids]))
+        rows = np.unique(np.concatenate([self.by_wnid[w] for w in wnids]))
         positions = np.searchsorted(self.rows, rows)
         everything = len(positions) == len(self.rows)
         best, scores = rank(self.index, query, options.n_results, options.query_expansion,
                             None if everything else positions)  # fmt: skip
-        return self.ids[best], scores, len(rows)
+        return self.rows[best], scores, len(rows)
 
 
 def choose(
@@ -356,63 +342,73 @@ def search(
             method = "ivf"
             nprobe = options.nprobe or max(1, round(len(centroids) * ivf.DEFAULT_PROBE_SHARE))
             lists = ivf.nearest_lists(centroids, feature[None, :], nprobe)[0]
-            candidates, rows = db.catalog.rows_of_lists(lists.tolist())
-            if resident is not None:  # rows come in row order
-                ids, scores = resident.rank(candidates, rows, feature, options)
+            rows = db.catalog.rows_of_lists(lists.tolist())
+            if resident is not None:
+                best, scores = resident.rank(rows, feature, options)
             else:
-                ids, scores = rank_candidates(db, candidates, rows, feature, options)
+                best, scores = rank_candidates(db, rows, feature, options)
             n_searched = len(rows)
         elif resident is not None:
             method = "exact"
-            ids, scores = resident.rank(*resident.live_rows(db), feature, options)
+            best, scores = resident.rank(resident.live_rows(db), feature, options)
             n_searched = db.n_images()
         else:
             method = "exact"
-            ids, scores = exhaustive(db, feature, options.n_results, options.query_expansion)
+            best, scores = exhaustive(db, feature, options.n_results, options.query_expansion)
             n_searched = db.n_images()
     else:
         gating = gating or choose(db, probs, members, options)
         pooled = pool.rank(gating.wnids, feature, options) if pool is not None else None
         if resident is not None:
-            candidates, rows = resident.category_rows(db, gating.wnids)
-            ids, scores = resident.rank(candidates, rows, feature, options)
+            rows = resident.category_rows(db, gating.wnids)
+            best, scores = resident.rank(rows, feature, options)
             n_searched = len(rows)
         elif pooled is not None:
-            ids, scores, n_searched = pooled
+            best, scores, n_searched = pooled
         else:
-            candidates, rows = db.catalog.rows_of_categories(gating.wnids)
-            ids, scores = rank_candidates(db, candidates, rows, feature, options)
+            rows = db.catalog.rows_of_categories(gating.wnids)
+            best, scores = rank_candidates(db, rows, feature, options)
             n_searched = len(rows)
-    found = [h for h in hits(db, ids, scores)
+    found = [h for h in hits_at_rows(db, best, scores)
              if h.id != exclude_id and h.score >= options.min_score]  # fmt: skip
     return QueryResult(path, own, gating, n_searched, tuple(found[:wanted]), method)
 
 
 def rank_candidates(
-    db: Database,
-    ids: npt.NDArray[np.int64],
-    rows: npt.NDArray[np.int64],
-    query: npt.NDArray[np.float32],
+    db: Database, rows: npt.NDArray[np.int64], query: npt.NDArray[np.float32],
     options: QueryOptions,
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
-    """(ids, cosine scores) of the best of the candidate images (ids (r,), their matrix rows
-    (r,)), best first."""
+    """(rows, cosine scores) of the best of the candidate matrix rows (r,), best first."""
     candidates = Float16Rows(db.settings.feature_dim)
     db.matrix().gather_codes(rows, candidates.buffer(len(rows)))
     best, scores = rank(candidates, query, options.n_results, options.query_expansion)
-    return ids[best], scores
+    return rows[best], scores
 
 
 def hits(db: Database, ids: npt.NDArray[np.int64], scores: npt.NDArray[np.float32]) -> list[Hit]:
     """Results for image ids, with their paths and categories from the catalog."""
+    records = [db.image(i) for i in ids.tolist()]
+    return _hits(db, records, scores)
+
+
+def hits_at_rows(
+    db: Database, rows: npt.NDArray[np.int64], scores: npt.NDArray[np.float32]
+) -> list[Hit]:
+    """Results for matrix rows (a row of no image, e.g. a removed one's, is left out)."""
+    by_row = db.catalog.images_at_rows(rows.tolist())
+    return _hits(db, [by_row.get(r) for r in rows.tolist()], scores)
+
+
+def _hits(
+    db: Database, records: list[ImageRecord | None], scores: npt.NDArray[np.float32]
+) -> list[Hit]:
     found = []
-    for image_id, score in zip(ids.tolist(), scores.tolist(), strict=True):
-        record = db.image(image_id)
+    for record, score in zip(records, scores.tolist(), strict=True):
         if record is None:  # removed since the rows were read
             continue
         stored = db.stored_path(record)
-        paths = tuple(db.paths_of(image_id))
-        found.append(Hit(paths[0] if paths else str(stored), float(score), image_id,
+        paths = tuple(db.paths_of(record.image_id))
+        found.append(Hit(paths[0] if paths else str(stored), float(score), record.image_id,
                          record.wnids, stored, paths))  # fmt: skip
     return found
 
@@ -420,41 +416,36 @@ def hits(db: Database, ids: npt.NDArray[np.int64], scores: npt.NDArray[np.float3
 def exhaustive(
     db: Database, query: npt.NDArray[np.float32], n: int, expansion: int
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
-    """(ids, cosine scores) of the n best images of the whole database, best first, ranked
+    """(rows, cosine scores) of the n best images of the whole database, best first, ranked
     as `top_matches` ranks (the first `expansion` results expand the query), in one or two
     passes over the search matrix."""
     matrix = db.matrix()
-    first_ids, first_rows, first_scores = _live_top(db, query, max(n, expansion))
-    if expansion <= 0 or len(first_ids) <= expansion:
-        return first_ids[:n], first_scores[:n]
+    first_rows, first_scores = _live_top(db, query, max(n, expansion))
+    if expansion <= 0 or len(first_rows) <= expansion:
+        return first_rows[:n], first_scores[:n]
     keep = first_rows[:expansion]
     expanded = expand_query(query, matrix.gather(keep), first_scores[:expansion])
-    ids, rows, _ = _live_top(db, expanded, n + expansion)
+    rows, _ = _live_top(db, expanded, n + expansion)
     kept = set(keep.tolist())
-    rest = [(i, r) for i, r in zip(ids.tolist(), rows.tolist(), strict=True)
-            if r not in kept][: max(n - expansion, 0)]  # fmt: skip
-    all_rows = np.array([*keep.tolist(), *(r for _, r in rest)], np.int64)
-    all_ids = np.array([*first_ids[:expansion].tolist(), *(i for i, _ in rest)], np.int64)
-    scores = matrix.gather(all_rows) @ query.astype(np.float32)
-    return all_ids[:n], scores[:n]
+    rest = [r for r in rows.tolist() if r not in kept][: max(n - expansion, 0)]
+    all_rows = np.array([*keep.tolist(), *rest], np.int64)[:n]
+    return all_rows, matrix.gather(all_rows) @ query.astype(np.float32)
 
 
 def _live_top(
     db: Database, query: npt.NDArray[np.float32], k: int
-) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.float32]]:
-    """(ids, rows, scores) of the k best rows that a committed image owns. Dead rows (of
-    removed images) are passed over: the scan asks for more rows until k live ones are in."""
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+    """(rows, scores) of the k best rows that a committed image owns. Dead rows (of removed
+    images) are passed over: the scan asks for more rows until k live ones are in."""
     matrix = db.matrix()
     dead = max(matrix.n_rows - db.n_images(), 0)
     want = k + min(dead, 4 * k)
     while True:
         rows, scores = _scan(matrix, query, want)
-        owners = db.catalog.ids_of_rows(rows.tolist())
-        live = np.array([r in owners for r in rows.tolist()], bool)
+        owned = db.catalog.ids_of_rows(rows.tolist())
+        live = np.array([r in owned for r in rows.tolist()], bool)
         if live.sum() >= k or want >= matrix.n_rows:
-            rows, scores = rows[live][:k], scores[live][:k]
-            ids = np.array([owners[r] for r in rows.tolist()], np.int64)
-            return ids, rows, scores
+            return rows[live][:k], scores[live][:k]
         want *= 4
 
 

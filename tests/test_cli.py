@@ -58,7 +58,7 @@ def test_same_file_name_in_two_folders_is_stored_twice(photos_db, photos_dir):
 def test_database_files_are_plain_arrays_and_each_image_is_in_top_k_folders(photos_db):
     manifest = json.loads((photos_db / MANIFEST_NAME).read_text())
     assert manifest["backbone"] == "efficientnet_lite0" and manifest["n_images"] == 37
-    assert manifest["format_version"] == 5
+    assert manifest["format_version"] == 6
     rows = 0
     for npz_path in photos_db.glob("n*/features.*.npz"):
         with np.load(npz_path, allow_pickle=False) as npz:

@@ -116,9 +116,9 @@ while True:
     last = stop.exists()  # one more read after the writer has finished
     try:
         with Database.open(db) as d:
-            ids, rows = d.catalog.rows_of_categories([wnid])
+            rows = d.catalog.rows_of_categories([wnid])
             features = d.matrix().gather(rows)
-            assert len(set(ids.tolist())) == len(ids) == len(features)
+            assert len(set(rows.tolist())) == len(rows) == len(features)
             print(len(features), flush=True)
     except Exception as exc:  # any error is the failure
         print("error:", repr(exc), flush=True)
@@ -167,8 +167,9 @@ def test_exhaustive_search_passes_over_rows_of_removed_images(tmp_path):
     )
     with Database.open(db) as d:
         assert d.matrix().n_rows == 300 and d.n_images() == 100  # below the compaction size
-        ids, scores = exhaustive(d, query, 10, 3)
-    assert ids.tolist() == [live[i].image_id for i in expected_best]
+        rows, scores = exhaustive(d, query, 10, 3)
+        ids = [d.catalog.ids_of_rows([r])[r] for r in rows.tolist()]
+    assert ids == [live[i].image_id for i in expected_best]
     np.testing.assert_allclose(scores, expected_scores, atol=1e-6)
 
 

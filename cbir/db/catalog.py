@@ -28,26 +28,29 @@ from cbir.db.files import damaged
 from cbir.errors import DatabaseError
 
 CATALOG_NAME = "catalog.sqlite"
-SCHEMA_VERSION = 3  # 3: images.classes, placements.row; 2: images.row, the meta table
+SCHEMA_VERSION = 4  # 4: keyed by matrix row; 3: images.classes, placements.row
 TOP_CLASSES = 32  # class probabilities kept per image: `cbir find` ranks with all 1000's
 # mean AP on evaldata at 32, and loses 0.05 at 4 (bench/bench_find.py)
 _SCHEMA = """
-CREATE TABLE images (
-    id INTEGER PRIMARY KEY,     -- first 8 bytes of the SHA-256, signed (cbir.hashing)
+CREATE TABLE images (         -- keyed by matrix row, which only grows: a commit appends to
+    row INTEGER PRIMARY KEY,    -- the table instead of dirtying a page per image (at 1M images
+                                -- 45 instead of 67 ms per 1024; bench/README.md)
+    id INTEGER NOT NULL UNIQUE, -- first 8 bytes of the SHA-256, signed (cbir.hashing)
     sha256 TEXT NOT NULL,       -- hex digest of the file
     stored_name TEXT NOT NULL,  -- name of its copies in its category folders
     wnids TEXT NOT NULL,        -- its categories, most probable first, space-separated
     probs BLOB NOT NULL,        -- their probabilities, little-endian float32
-    row INTEGER NOT NULL UNIQUE, -- its row of the search matrix
     list INTEGER,               -- its inverted list (cbir.db.ivf), NULL before one is trained
     classes BLOB NOT NULL       -- its TOP_CLASSES most probable classes: uint16 output indices,
                                 -- then float16 probabilities, little-endian (cbir find);
                                 -- empty for a catalog rebuilt from category files
 );
-CREATE INDEX images_by_list ON images (list, row, id);
-CREATE TABLE placements (       -- image_id is stored in category wnid; row: its images.row,
-    wnid TEXT NOT NULL,          -- so that a query reads a category's rows without a join
-    image_id INTEGER NOT NULL, row INTEGER NOT NULL, PRIMARY KEY (wnid, image_id)
+CREATE INDEX images_by_list ON images (list);  -- holds the row (the rowid)
+CREATE TABLE placements (       -- image_id (matrix row `row`) is stored in category wnid: a
+    wnid TEXT NOT NULL,          -- query reads a category's rows without a join, and a commit
+    row INTEGER NOT NULL,        -- appends at the end of each category's range (at 1M images
+    image_id INTEGER NOT NULL,   -- 70 instead of 150 ms per 1024 images; bench/README.md)
+    PRIMARY KEY (wnid, row)
 ) WITHOUT ROWID;
 CREATE TABLE category_sizes (   -- rows of placements per wnid, kept by each commit
     wnid TEXT PRIMARY KEY, n INTEGER NOT NULL
@@ -193,16 +196,10 @@ class Catalog:
             raise damaged(self.path, "no valid IVF state")
         return gen, trained
 
-    def rows_of_lists(self, lists: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-        """(ids (r,), rows (r,)) int64 of the images in inverted lists `lists`, in row order."""
-        pairs: list[tuple[int, int]] = []
-        for start in range(0, len(lists), _IN_CHUNK):
-            chunk = [int(x) for x in lists[start : start + _IN_CHUNK]]
-            marks = ",".join("?" * len(chunk))
-            pairs += self._rows(f"SELECT id, row FROM images WHERE list IN ({marks})", chunk)
-        array = np.array(pairs, np.int64).reshape(len(pairs), 2)
-        order = np.argsort(array[:, 1], kind="stable")
-        return array[order, 0], array[order, 1]
+    def rows_of_lists(self, lists: Sequence[int]) -> npt.NDArray[np.int64]:
+        """(r,) int64 sorted matrix rows of the images in inverted lists `lists`."""
+        return self._sorted_rows("SELECT row FROM images WHERE list IN ({})",
+                                 [int(x) for x in lists])  # fmt: skip
 
     def unlisted(self, n_lists: int) -> int:
         """Images without a valid inverted list (there should be none while one is in use)."""
@@ -405,19 +402,23 @@ class Catalog:
                           (wnid,))  # fmt: skip
         return np.array([r[0] for r in rows], np.int64)
 
-    def rows_of_categories(self, wnids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """(ids (r,) int64, rows (r,) int64) of the images in any of `wnids`, each image once,
-        in matrix order (the order a scan of the matrix meets them)."""
-        found: dict[int, int] = {}
-        for start in range(0, len(wnids), _IN_CHUNK):
-            chunk = list(wnids[start : start + _IN_CHUNK])
-            marks = ",".join("?" * len(chunk))
-            found.update(self._rows(
-                f"SELECT image_id, row FROM placements WHERE wnid IN ({marks})", chunk))
-        ids = np.fromiter(found.keys(), np.int64, len(found))
-        rows = np.fromiter(found.values(), np.int64, len(found))
-        order = np.argsort(rows, kind="stable")
-        return ids[order], rows[order]
+    def rows_of_categories(self, wnids: Sequence[str]) -> npt.NDArray[np.int64]:
+        """(r,) int64 sorted matrix rows of the images in any of `wnids`, each image once
+        (the order a scan of the matrix meets them). Rows only: reading the ids as well took
+        twice as long at 1M images; a query looks up the ids of its hits alone."""
+        return self._sorted_rows("SELECT row FROM placements WHERE wnid IN ({})", list(wnids))
+
+    def _sorted_rows(self, sql: str, keys: list) -> npt.NDArray[np.int64]:
+        parts = [np.zeros(0, np.int64)]
+        for start in range(0, len(keys), _IN_CHUNK):
+            chunk = keys[start : start + _IN_CHUNK]
+            with self._lock:
+                try:
+                    cursor = self._conn.execute(sql.format(",".join("?" * len(chunk))), chunk)
+                    parts.append(np.fromiter((r for (r,) in cursor), np.int64))
+                except sqlite3.DatabaseError as exc:
+                    raise damaged(self.path, exc) from exc
+        return np.unique(np.concatenate(parts))
 
     def ids_of_rows(self, rows: Iterable[int]) -> dict[int, int]:
         """matrix row -> image id, for the rows that a committed image owns."""
@@ -427,6 +428,18 @@ class Catalog:
             chunk = wanted[start : start + _IN_CHUNK]
             marks = ",".join("?" * len(chunk))
             found.update(self._rows(f"SELECT row, id FROM images WHERE row IN ({marks})", chunk))
+        return found
+
+    def images_at_rows(self, rows: Sequence[int]) -> dict[int, ImageRecord]:
+        """matrix row -> its image, for the rows that a committed image owns."""
+        found: dict[int, ImageRecord] = {}
+        for start in range(0, len(rows), _IN_CHUNK):
+            chunk = [int(r) for r in rows[start : start + _IN_CHUNK]]
+            marks = ",".join("?" * len(chunk))
+            for r in self._rows("SELECT id, sha256, stored_name, wnids, probs, row FROM images "
+                                f"WHERE row IN ({marks})", chunk):  # fmt: skip
+                record = self._record(r)
+                found[record.row] = record
         return found
 
     def all_rows(self) -> tuple[np.ndarray, np.ndarray]:
@@ -536,8 +549,12 @@ def encode_classes(indices: Sequence[int], probs: Sequence[float]) -> bytes:
 
 
 def _copy_rows_to_placements(conn: sqlite3.Connection) -> None:
-    conn.execute("UPDATE placements SET row = (SELECT i.row FROM images i WHERE i.id = image_id) "
-                 "WHERE image_id IN (SELECT id FROM images)")  # an orphan is check's to drop
+    """Give every placement its image's row (an orphan keeps a negative one: check's to drop).
+    Rows are made negative first, so that no new row meets an old one of the same category;
+    a damaged catalog's second placement of an image in one category is replaced."""
+    conn.execute("UPDATE placements SET row = -1 - row WHERE row >= 0")
+    conn.execute("UPDATE OR REPLACE placements SET row = (SELECT i.row FROM images i "
+                 "WHERE i.id = image_id) WHERE image_id IN (SELECT id FROM images)")
 
 
 def set_matrix_rows(conn: sqlite3.Connection, n: int) -> None:
@@ -553,11 +570,12 @@ def insert(
     inserted, and the ids of the images that set paths pointed at before."""
     new = _not_held(conn, list(images))
     conn.executemany(
-        "INSERT INTO images VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO images (id, sha256, stored_name, wnids, probs, row, list, classes) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         ((r.image_id, r.sha256, r.stored_name, " ".join(r.wnids),
           np.asarray(r.probs, "<f4").tobytes(), r.row, r.ivf_list, r.top_classes) for r in new),
     )  # fmt: skip
-    placements = [(w, r.image_id, r.row) for r in new for w in r.wnids]
+    placements = [(w, r.row, r.image_id) for r in new for w in r.wnids]
     conn.executemany("INSERT INTO placements VALUES (?, ?, ?)", placements)
     _count(conn, Counter(w for w, _, _ in placements), +1)
     displaced: set[int] = set()
@@ -622,13 +640,13 @@ def _drop_unreferenced(conn: sqlite3.Connection, ids: list[int]) -> tuple[int, s
     for image_id in ids:
         if conn.execute("SELECT 1 FROM paths WHERE image_id = ? LIMIT 1", (image_id,)).fetchone():
             continue
-        row = conn.execute("SELECT wnids FROM images WHERE id = ?", (image_id,)).fetchone()
-        if row is None:
+        found = conn.execute("SELECT wnids, row FROM images WHERE id = ?", (image_id,)).fetchone()
+        if found is None:
             continue
-        wnids = str(row[0]).split()
+        wnids, row = str(found[0]).split(), found[1]
         conn.execute("DELETE FROM images WHERE id = ?", (image_id,))
-        conn.executemany("DELETE FROM placements WHERE wnid = ? AND image_id = ?",
-                         ((w, image_id) for w in wnids))  # fmt: skip
+        conn.executemany("DELETE FROM placements WHERE wnid = ? AND row = ? AND image_id = ?",
+                         ((w, row, image_id) for w in wnids))  # fmt: skip
         dropped.update(wnids)
         n += 1
     _count(conn, dropped, -1)

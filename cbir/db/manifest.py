@@ -17,8 +17,8 @@ from pathlib import Path
 from cbir.db.files import open_regular, write_atomic
 from cbir.errors import DatabaseError
 
-FORMAT_VERSION = 5  # 5: 32 class probabilities per image; 4: one search matrix, paths
-# only in the catalog (older: rebuild)
+FORMAT_VERSION = 6  # 6: catalog keyed by matrix row; 5: 32 class probabilities per image;
+# 4: one search matrix, paths only in the catalog (older: rebuild)
 MANIFEST_NAME = "cbir-db.json"
 LINK_MODES = ("copy", "hardlink", "symlink")
 POOLINGS = ("gap", "gem")
