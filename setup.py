@@ -26,8 +26,10 @@ setup(
         "openTSNE>=1.0",  # cbir map: FFT-accelerated t-SNE, 60k images in minutes on 2 cores
     ],
     extras_require={
-        "test": ["pytest>=7", "selenium>=4.10"],  # selenium drives Chromium in the page tests
-        "dev": ["pytest>=7", "selenium>=4.10", "ruff"],
+        "ray": ["ray>=2.9"],  # create-db/add --ray: actors on a cluster (cbir.cluster)
+        # selenium drives Chromium in the page tests; ray runs the cluster tests
+        "test": ["pytest>=7", "selenium>=4.10", "ray>=2.9"],
+        "dev": ["pytest>=7", "selenium>=4.10", "ray>=2.9", "ruff"],
     },
     entry_points={"console_scripts": ["cbir = cbir.cli:main"]},
     scripts=["bin/cbir"],

@@ -177,6 +177,20 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="N",
             help="commit to disk every N new images (and at least once a minute)",
         )
+        p.add_argument(
+            "--ray",
+            metavar="ADDRESS",
+            help=(
+                "decode and describe on Ray actors: 'local' starts Ray on this machine, 'auto'"
+                " or HOST:PORT joins a running cluster (needs pip install 'cbir[ray]'; every"
+                " node reads the source files at the same paths unless --ray-ship-bytes)"
+            ),
+        )
+        p.add_argument(
+            "--ray-ship-bytes",
+            action="store_true",
+            help="with --ray: send each file's bytes to the actors (nodes without the files)",
+        )
         engine_options(p)
         writer_options(p)
 
@@ -395,11 +409,13 @@ def _index_options(args: argparse.Namespace):  # noqa: ANN202
         raise CbirError("--commit-every must be at least 1")
     if args.max_megapixels <= 0:
         raise CbirError("--max-megapixels must be more than 0")
+    if args.ray_ship_bytes and not args.ray:
+        raise CbirError("--ray-ship-bytes needs --ray ADDRESS")
     return IndexOptions(
         backbone=args.model, weights=args.weights, top_k=args.top_k, link=args.link,
         pooling=args.pooling, engine=args.engine, precision=args.precision,
         batch_size=args.batch_size, max_megapixels=args.max_megapixels, wait=args.wait,
-        commit_every=args.commit_every,
+        commit_every=args.commit_every, ray=args.ray, ray_ship_bytes=args.ray_ship_bytes,
     )  # fmt: skip
 
 
@@ -434,6 +450,8 @@ def _index(args: argparse.Namespace, db_dir: Path, sources: list[Path]) -> int:
     if report.removed + removed:
         summary += f", removed {report.removed + removed}"
     print(summary, file=sys.stderr)
+    if report.cluster is not None:
+        print(report.cluster.summary(), file=sys.stderr)
     if args.strict and report.skipped:
         print(f"cbir: error: {len(report.skipped)} file(s) skipped (--strict)", file=sys.stderr)
         return EXIT_SKIPPED

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
@@ -26,6 +27,9 @@ from cbir.db.catalog import TOP_CLASSES
 from cbir.errors import BadImage, CbirError, DatabaseError
 from cbir.images import DEFAULT_MAX_MEGAPIXELS, DEFAULT_RESIZE, find_images, load_image
 from cbir.model import Model, get_backbone, load_model, resolve_weights
+
+if TYPE_CHECKING:
+    from cbir.cluster import ClusterReport
 
 DEFAULT_BATCH_SIZE = 8  # fastest or within 5 % of it for every engine and backbone (bench/)
 COMMIT_EVERY_IMAGES = 1024
@@ -48,6 +52,8 @@ class IndexOptions:
     max_megapixels: float = DEFAULT_MAX_MEGAPIXELS
     commit_every: int = COMMIT_EVERY_IMAGES  # images per commit (or COMMIT_EVERY_SECONDS)
     wait: bool = True
+    ray: str | None = None  # describe on Ray: "local", "auto" or "HOST:PORT" (cbir.cluster)
+    ray_ship_bytes: bool = False  # the writer sends files' bytes (no shared file system)
 
 
 @dataclass
@@ -57,6 +63,7 @@ class IndexReport:
     new_paths: int = 0  # files whose content was already indexed under another name
     removed: int = 0  # images dropped (changed or deleted sources)
     skipped: list[BadImage] = field(default_factory=list)
+    cluster: ClusterReport | None = None  # where a --ray run described (cbir.cluster)
 
 
 _Found = tuple[str, int, int]  # a file to index: path, size, mtime_ns
@@ -220,6 +227,54 @@ class _Committer:
         self._pool.shutdown(wait=True)
 
 
+class _Run:
+    """What the local and the cluster pipelines share: skips, known content, commits."""
+
+    def __init__(
+        self, writer: Writer, todo: list[_Found], options: IndexOptions, callbacks: Callbacks,
+        report: IndexReport,
+    ) -> None:  # fmt: skip
+        self.writer, self.callbacks, self.report = writer, callbacks, report
+        self.advance = callbacks.progress(len(todo))
+        self.committer = _Committer(writer, options.commit_every, callbacks.on_commit)
+        # Contents described but not committed yet (a committed one is in the catalog): the
+        # chunk being collected and the one being committed, so the sets stay small.
+        self.collecting: set[str] = set()
+        self.committing: set[str] = set()
+        self.n_before = writer.n_images()
+
+    def skip(self, bad: BadImage) -> None:
+        _skip(self.report, self.callbacks, bad)
+        self.advance(1)
+
+    def known(self, sha256: str) -> bool:
+        """Whether this content is indexed or on its way (then only its path is added)."""
+        return sha256 in self.collecting or sha256 in self.committing or (
+            self.writer.has_image(sha256))  # fmt: skip
+
+    def add_path(self, path: Path, sha256: str, size: int, mtime_ns: int) -> None:
+        self.committer.paths.append((str(path), sha256, size, mtime_ns))
+        self.report.new_paths += 1
+        self.advance(1)
+
+    def store(self, images: list[NewImage]) -> None:
+        """Described new images (their content marked as collected by the caller)."""
+        self.committer.add(images)
+        self.report.indexed += len(images)
+        self.advance(len(images))
+        if self.committer.due():
+            self.committer.commit()  # waits for the commit before: `committing` is in
+            self.committing, self.collecting = self.collecting, set()
+
+    def finish(self) -> None:
+        self.committer.commit()
+        self.committer.wait()
+
+    def close(self) -> None:
+        self.committer.close()
+        self.report.removed = self.n_before + self.report.indexed - self.writer.n_images()
+
+
 def _describe_and_store(
     writer: Writer,
     todo: list[_Found],
@@ -227,15 +282,11 @@ def _describe_and_store(
     callbacks: Callbacks,
     report: IndexReport,
 ) -> None:
+    if options.ray is not None:
+        return _describe_on_cluster(writer, todo, options, callbacks, report)
     model: Model | None = None
     size = get_backbone(options.backbone).input_size
-    advance = callbacks.progress(len(todo))
-    # Contents described but not committed yet (a committed one is in the catalog): the chunk
-    # being collected and the one being committed, so the sets stay small in a long run.
-    collecting: set[str] = set()
-    committing: set[str] = set()
-    n_before = writer.n_images()
-    committer = _Committer(writer, options.commit_every, callbacks.on_commit)
+    run = _Run(writer, todo, options, callbacks, report)
 
     def prepare(found: _Found) -> _Prepared:
         path, file_size, mtime_ns = Path(found[0]), found[1], found[2]
@@ -256,42 +307,79 @@ def _describe_and_store(
         if model is None:
             model = _load(options)
             writer.record_engine(model.engine, model.precision)
-        committer.add(_describe(model, batch, writer.settings.top_k, writer.settings.pooling))
-        report.indexed += len(batch)
-        advance(len(batch))
+        run.store(_describe(model, batch, writer.settings.top_k, writer.settings.pooling))
 
     batch: list[_Prepared] = []
     try:
         for result in _prefetch(prepare, todo, window=2 * options.batch_size + 8):
             if isinstance(result, BadImage):
-                _skip(report, callbacks, result)
-                advance(1)
+                run.skip(result)
                 continue
             if result.warnings:
                 callbacks.on_warning(result.path, "; ".join(result.warnings))
-            sha = result.sha256
-            known = result.pixels is None or sha in collecting or sha in committing
-            if known or writer.has_image(sha):  # committed since `prepare` looked
-                entry = (str(result.path), result.sha256, result.size, result.mtime_ns)
-                committer.paths.append(entry)
-                report.new_paths += 1
-                advance(1)
+            if result.pixels is None or run.known(result.sha256):
+                run.add_path(result.path, result.sha256, result.size, result.mtime_ns)
                 continue
-            collecting.add(sha)
+            run.collecting.add(result.sha256)
             batch.append(result)
             if len(batch) == options.batch_size:
                 describe(batch)
                 batch = []
-                if committer.due():
-                    committer.commit()  # waits for the commit before: `committing` is in
-                    committing, collecting = collecting, set()
         if batch:
             describe(batch)
-        committer.commit()
-        committer.wait()
+        run.finish()
     finally:
-        committer.close()
-    report.removed = n_before + report.indexed - writer.n_images()
+        run.close()
+
+
+def _describe_on_cluster(
+    writer: Writer,
+    todo: list[_Found],
+    options: IndexOptions,
+    callbacks: Callbacks,
+    report: IndexReport,
+) -> None:
+    """The Ray pipeline (cbir.cluster): actors hash, decode and describe every file; this
+    process stores their results in order, exactly as the local pipeline does. Content that
+    is already indexed is described too (only the actor has read the file)."""
+    from cbir import cluster
+
+    spec = cluster.ModelSpec(str(options.backbone), str(options.weights), options.engine,
+                             options.precision, get_backbone(options.backbone).input_size,
+                             writer.settings.resize, options.max_megapixels,
+                             options.batch_size)  # fmt: skip
+    found = {path: (size, mtime_ns) for path, size, mtime_ns in todo}
+    settings = writer.settings
+    with cluster.connected(str(options.ray)) as ray:
+        workers = cluster.Cluster(ray, spec, settings.pooling)
+        report.cluster = workers.report
+        writer.record_engine(*workers.report.engine)
+        run = _Run(writer, todo, options, callbacks, report)
+        ready: list[NewImage] = []
+        try:
+            files = cluster.batches(list(found), options.ray_ship_bytes)
+            for d in workers.describe(files):
+                path, (size, mtime_ns) = Path(d.path), found[d.path]
+                if d.reason is not None:
+                    run.skip(BadImage(path, d.reason))
+                    continue
+                if d.warnings:
+                    callbacks.on_warning(path, "; ".join(d.warnings))
+                if run.known(d.sha256):
+                    run.add_path(path, d.sha256, size, mtime_ns)
+                    continue
+                run.collecting.add(d.sha256)
+                ready.append(_new_image(path, d.sha256, size, mtime_ns, d.probs, d.feature,
+                                        settings.top_k))  # fmt: skip
+                if len(ready) == options.batch_size:
+                    run.store(ready)
+                    ready = []
+            if ready:
+                run.store(ready)
+            run.finish()
+        finally:
+            run.close()
+            workers.close()
 
 
 def _load(options: IndexOptions) -> Model:
@@ -302,23 +390,26 @@ def _load(options: IndexOptions) -> Model:
 def _describe(model: Model, batch: list[_Prepared], top_k: int, pooling: str) -> list[NewImage]:
     pixels = np.stack([p.pixels for p in batch if p.pixels is not None])
     described = model.describe(pixels)
+    return [_new_image(p.path, p.sha256, p.size, p.mtime_ns, described.probs[i],
+                       described.features[pooling][i].copy(), top_k)  # a copy frees the batch
+            for i, p in enumerate(batch)]  # fmt: skip
+
+
+def _new_image(
+    path: Path, sha256: str, size: int, mtime_ns: int, probs: npt.NDArray[np.float32],
+    feature: npt.NDArray[np.float32], top_k: int,
+) -> NewImage:  # fmt: skip
+    """A described image as the writer stores it: probs (1000,), feature (d,)."""
     wnids = categories.wnids()
-    top = np.argsort(-described.probs, axis=1)[:, :top_k]
-    top_classes = np.argsort(-described.probs, axis=1)[:, :TOP_CLASSES]
-    return [
-        NewImage(
-            source_path=p.path,
-            sha256=p.sha256,
-            size=p.size,
-            mtime_ns=p.mtime_ns,
-            wnids=tuple(wnids[j] for j in top[i]),
-            probs=tuple(float(described.probs[i, j]) for j in top[i]),
-            feature=described.features[pooling][i].copy(),  # not a view: frees the batch
-            top_classes=tuple(int(j) for j in top_classes[i]),
-            top_probs=tuple(float(described.probs[i, j]) for j in top_classes[i]),
-        )
-        for i, p in enumerate(batch)
-    ]
+    order = np.argsort(-probs)
+    return NewImage(
+        source_path=path, sha256=sha256, size=size, mtime_ns=mtime_ns,
+        wnids=tuple(wnids[j] for j in order[:top_k]),
+        probs=tuple(float(probs[j]) for j in order[:top_k]),
+        feature=feature,
+        top_classes=tuple(int(j) for j in order[:TOP_CLASSES]),
+        top_probs=tuple(float(probs[j]) for j in order[:TOP_CLASSES]),
+    )  # fmt: skip
 
 
 def _prefetch(
