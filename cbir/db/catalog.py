@@ -34,7 +34,7 @@ TOP_CLASSES = 32  # class probabilities kept per image: `cbir find` ranks with a
 _SCHEMA = """
 CREATE TABLE images (         -- keyed by matrix row, which only grows: a commit appends to
     row INTEGER PRIMARY KEY,    -- the table instead of dirtying a page per image (at 1M images
-                                -- 45 instead of 67 ms per 1024; bench/README.md)
+                                -- 45 instead of 67 ms per 1024; README.md)
     id INTEGER NOT NULL UNIQUE, -- first 8 bytes of the SHA-256, signed (cbir.hashing)
     sha256 TEXT NOT NULL,       -- hex digest of the file
     stored_name TEXT NOT NULL,  -- name of its copies in its category folders
@@ -49,7 +49,7 @@ CREATE INDEX images_by_list ON images (list);  -- holds the row (the rowid)
 CREATE TABLE placements (       -- image_id (matrix row `row`) is stored in category wnid: a
     wnid TEXT NOT NULL,          -- query reads a category's rows without a join, and a commit
     row INTEGER NOT NULL,        -- appends at the end of each category's range (at 1M images
-    image_id INTEGER NOT NULL,   -- 70 instead of 150 ms per 1024 images; bench/README.md)
+    image_id INTEGER NOT NULL,   -- 70 instead of 150 ms per 1024 images; README.md)
     PRIMARY KEY (wnid, row)
 ) WITHOUT ROWID;
 CREATE TABLE category_sizes (   -- rows of placements per wnid, kept by each commit

@@ -13,7 +13,7 @@ A gated query gathers its candidates' rows with one positioned read per run of a
 an exhaustive one reads the file once, in blocks, never every category's copy of a row. Both
 hand the float16 bytes to FAISS (cbir.ranking), which scores them without a float32 copy. The
 file is not memory-mapped: gathering 16k scattered rows of a 2.5 GB matrix took 270-560 ms
-through a fresh map (page faults) and 25-40 ms with reads (bench/README.md), and reads do not
+through a fresh map (page faults) and 25-40 ms with reads (README.md), and reads do not
 make the file's pages count as the process's memory.
 """
 
