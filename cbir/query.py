@@ -7,6 +7,7 @@ once, in blocks. Either way a hit's source paths come from the catalog, never fr
 from __future__ import annotations
 
 import hashlib
+import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -379,10 +380,25 @@ def rank_candidates(
     options: QueryOptions,
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
     """(rows, cosine scores) of the best of the candidate matrix rows (r,), best first."""
-    candidates = Float16Rows(db.settings.feature_dim)
+    candidates = _scratch_rows(db.settings.feature_dim, len(rows))
     db.matrix().gather_codes(rows, candidates.buffer(len(rows)))
     best, scores = rank(candidates, query, options.n_results, options.query_expansion)
     return rows[best], scores
+
+
+_scratch = threading.local()
+SCRATCH_BYTES = 64 << 20  # candidates up to this size reuse one buffer per thread
+
+
+def _scratch_rows(dim: int, n: int) -> Float16Rows:
+    """A Float16Rows to gather n candidates into: a thread's own, reused while it is small
+    enough, because a fresh one's 41 MB (16k rows) cost 22 ms of page faults per query."""
+    if n * 2 * dim > SCRATCH_BYTES:
+        return Float16Rows(dim)
+    rows = getattr(_scratch, "rows", None)
+    if rows is None or rows.dim != dim:
+        rows = _scratch.rows = Float16Rows(dim)
+    return rows
 
 
 def hits(db: Database, ids: npt.NDArray[np.int64], scores: npt.NDArray[np.float32]) -> list[Hit]:
