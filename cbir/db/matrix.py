@@ -19,6 +19,7 @@ make the file's pages count as the process's memory.
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,6 +45,7 @@ class SearchMatrix:
     def __init__(self, path: Path, dim: int, n_rows: int) -> None:
         self.path, self.dim, self.n_rows = path, dim, n_rows
         self._fd: int | None = None
+        self._nowait = True  # the file system reads from the page cache only, on request
         if n_rows == 0:
             return
         try:
@@ -90,11 +92,16 @@ class SearchMatrix:
         missing = []
         for start, n, row in runs:
             view = row_views[start] if n == 1 else flat[start : start + n]
-            try:
-                if pread(fd, [view], row * width, os.RWF_NOWAIT) == n * width:
-                    continue
-            except BlockingIOError:
-                pass
+            if self._nowait:
+                try:
+                    if pread(fd, [view], row * width, os.RWF_NOWAIT) == n * width:
+                        continue
+                except BlockingIOError:
+                    pass
+                except OSError as exc:  # tmpfs and others: no RWF_NOWAIT, plain reads then
+                    if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                        raise
+                    self._nowait = False
             missing.append((view, n, row))
         for _, n, row in missing:
             os.posix_fadvise(fd, row * width, n * width, os.POSIX_FADV_WILLNEED)
