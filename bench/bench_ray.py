@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -34,21 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench_db import TESTDATA, Bench, bench_arguments, machine  # noqa: E402
-from bench_speed import image_files, repeated_photos  # noqa: E402
+from bench_speed import first_files, image_files, repeated_photos  # noqa: E402
 
 MODEL = ("--model", "efficientnet_lite0")
-
-
-def first(folder: Path, n: int, work: Path) -> Path:
-    """A folder of hard links to the first n images of `folder`."""
-    target = work / f"first-{n}"
-    if not target.is_dir():
-        tmp = work / f".tmp-first-{n}"
-        tmp.mkdir(parents=True, exist_ok=True)
-        for i, path in enumerate(image_files(folder)[:n]):
-            os.link(path, tmp / f"{i:06d}{path.suffix}")
-        tmp.rename(target)
-    return target
 
 
 def create_db(bench: Bench, source: Path, *extra: str) -> float:
@@ -121,10 +108,10 @@ def main() -> None:
     args.work_dir.mkdir(parents=True, exist_ok=True)
     photos = repeated_photos(TESTDATA / "photos", image_files(TESTDATA / "photos"), 2 * args.n,
                              args.work_dir)  # fmt: skip
-    small, large = first(photos, args.n, args.work_dir), photos
+    small, large = first_files(photos, args.n), photos
     r: dict[str, Any] = {"machine": machine(), "n": args.n}
     bench.log("warm-up: the first create-db converts the model into the OpenVINO cache")
-    create_db(bench, first(photos, 8, args.work_dir))
+    create_db(bench, first_files(photos, 8))
     for key, extra in (("local", ()), ("ray_local", ("--ray", "local"))):
         bench.log(f"create-db {key}: {args.n} and {2 * args.n} images")
         walls = [create_db(bench, small, *extra), create_db(bench, large, *extra)]

@@ -92,18 +92,16 @@ class Describer:
 
     def describe(self, files: list[tuple[str, bytes | str | None]]) -> list[Described]:
         """files: (path, its bytes, None to read it here, or why the writer could not)."""
-        decoded = list(self._decoders.map(self._decode, files))
-        ready = [i for i, d in enumerate(decoded) if isinstance(d, tuple)]
-        pixels = [decoded[i][2] for i in ready]  # type: ignore[index]
-        out: list[Described] = [d for d in decoded if isinstance(d, Described)]
-        if pixels:
-            described = self.model.describe_in_batches(pixels, self.spec.batch_size)
+        out: list[Described | tuple] = list(self._decoders.map(self._decode, files))
+        ready = [i for i, d in enumerate(out) if isinstance(d, tuple)]  # decoded: described
+        if ready:
+            described = self.model.describe_in_batches([out[i][2] for i in ready],
+                                                       self.spec.batch_size)  # fmt: skip
             features = described.features[self.pooling]
             for n, i in enumerate(ready):
-                path, sha, _, warned = decoded[i]  # type: ignore[misc]
-                out.append(Described(path, sha, None, warned, described.probs[n], features[n]))
-        order = {path: i for i, (path, _) in enumerate(files)}
-        return sorted(out, key=lambda d: order[d.path])
+                path, sha, _, warned = out[i]  # type: ignore[misc]
+                out[i] = Described(path, sha, None, warned, described.probs[n], features[n])
+        return out  # type: ignore[return-value]  # every entry is a Described now, in order
 
     def _decode(self, item: tuple[str, bytes | str | None]) -> Described | tuple:
         from cbir.images import load_image
