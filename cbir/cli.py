@@ -276,6 +276,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--db", type=Path, help="evaluate this database (default: build a temporary one)"
     )
     p.add_argument(
+        "--distractors",
+        type=Path,
+        metavar="DIR",
+        help="also index the images under DIR into the temporary database: unlabelled, never "
+        "relevant, so that the labelled set is scored inside a large database",
+    )
+    p.add_argument(
         "--model",
         choices=list(BACKBONES),
         help=f"backbone (default: the database's with --db, else {DEFAULT_BACKBONE})",
@@ -295,6 +302,12 @@ def build_parser() -> argparse.ArgumentParser:
         const=0,
         metavar="DIM",
         help="project features onto a PCA learned on the database (DIM: keep that many axes)",
+    )
+    p.add_argument(
+        "--no-centring",
+        action="store_true",
+        help="compare plain cosines and gate by class probability (what cbir did before "
+        "centring; for comparison)",
     )
     p.add_argument(
         "--whiten-power",
@@ -785,6 +798,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     _check_search_options(args)
     if args.db is not None and not args.db.is_dir():
         raise CbirError(f"no database at {args.db}")
+    if args.distractors is not None:
+        if args.db is not None:
+            raise CbirError("--distractors builds a temporary database: not with --db")
+        if not args.distractors.is_dir():
+            raise CbirError(f"--distractors: no folder at {shown(args.distractors)}")
     labels = (
         evaluate.labels_from_csv(args.groups)
         if args.groups
@@ -792,14 +810,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     )
     search = evaluate.SearchSettings(
         top_k=args.top_k, min_candidates=args.min_candidates,
-        query_expansion=args.query_expansion, pca=args.pca is not None,
+        query_expansion=args.query_expansion, centre=not args.no_centring,
+        pca=args.pca is not None,
         pca_dim=args.pca or None, whiten_power=args.whiten_power,
     )  # fmt: skip
     options = evaluate.RunOptions(
         backbone=args.model, weights=args.weights, pooling=args.pooling, engine=args.engine,
         precision=args.precision, search=search,
     )  # fmt: skip
-    report = evaluate.run_evaluation(labels, options, args.db)
+    report = evaluate.run_evaluation(labels, options, args.db, args.distractors)
     ev = report.evaluation
     if args.json:
         data = {"backbone": report.backbone, "pooling": report.pooling,
@@ -807,7 +826,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(json.dumps(data))
         return 0
     s = ev.settings
-    extras = f", query expansion {s.query_expansion}" if s.query_expansion else ""
+    extras = "" if s.centre else ", no centring"
+    extras += f", query expansion {s.query_expansion}" if s.query_expansion else ""
     if s.pca:
         extras += f", PCA to {s.pca_dim or 'all'} axes, whitening power {s.whiten_power}"
     print(f"{ev.n_images} images, {ev.n_queries} queries, {ev.n_labels} labels "

@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import os
 import tempfile
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,8 +30,9 @@ import numpy as np
 import numpy.typing as npt
 
 from cbir import categories
+from cbir.centring import MIN_IMAGES, sums_by_category
 from cbir.errors import BadImage, CbirError
-from cbir.features import apply_whitening, learn_whitening
+from cbir.features import apply_whitening, learn_whitening, normalise
 from cbir.search import (
     DEFAULT_MIN_CANDIDATES,
     DEFAULT_QUERY_EXPANSION,
@@ -103,6 +105,7 @@ class SearchSettings:
     min_candidates: int = DEFAULT_MIN_CANDIDATES
     query_expansion: int = DEFAULT_QUERY_EXPANSION  # m: expand with the top m, re-rank the rest
     qe_alpha: float = 0.0  # weigh expansion rows by score**alpha (0: plain average)
+    centre: bool = True  # compare centred on the database's mean, gate by centroids (cbir.centring)
     pca: bool = False  # project onto a PCA learned on the corpus's own rows (cbir.features)
     pca_dim: int | None = None  # keep this many axes (None: all)
     whiten_power: float = 0.0  # scale axis i by variance_i ** -power (0.5: PCA-whitening)
@@ -190,9 +193,12 @@ def evaluate_corpus(
     """Run every query gated and exhaustively, ranked as `cbir query` ranks a database (plus
     the optional PCA and query expansion of the settings).
 
-    Gating uses `choose` (default: cbir.search.choose_categories with the settings' top_k and
-    min_candidates) over category sizes that leave the query's own row out, as if the query
-    were not in the database. Queries without a relevant image are left out.
+    As if the query were not in the database, its own row is left out of everything: of the
+    ranking, of the category sizes that gating counts, and of the mean and category
+    centroids that centring uses. Gating uses `choose` (default: the categories by centred
+    centroid cosine, or by class probability without centring, widened by
+    cbir.search.choose_categories to min_candidates images). Queries without a relevant
+    image are left out.
     """
     n = len(corpus.labels)
     features, query_features = corpus.features, corpus.query_features
@@ -200,15 +206,9 @@ def evaluate_corpus(
         whitening = learn_whitening(features, settings.pca_dim, settings.whiten_power)
         features = apply_whitening(whitening, features)
         query_features = apply_whitening(whitening, query_features)
-    if choose is None:
-        wnids = categories.wnids()
-
-        def choose(q: int, available: Mapping[str, npt.NDArray[np.int64]]) -> Sequence[str]:
-            probs = corpus.query_probs[q]
-            return choose_categories(
-                probs, wnids, available, settings.top_k, settings.min_candidates
-            ).wnids
-
+    centring = _Centring(corpus, features) if settings.centre and not settings.pca \
+        and n > MIN_IMAGES else None  # fmt: skip
+    wnids = categories.wnids()
     rows_of: dict[str, list[int]] = {}
     for row, member in enumerate(corpus.memberships):
         for wnid in member:
@@ -227,19 +227,28 @@ def evaluate_corpus(
         if not relevant.any():
             continue
         query = query_features[i]
+        mean, mean_dots, order = None, None, None
+        if centring is not None:
+            mean, mean_dots, order = centring.without(int(row), query)
+        else:
+            order = [wnids[j] for j in np.argsort(-corpus.query_probs[i])]
         everything = np.ones(n, bool)
         everything[row] = False
-        exhaustive.add(_rank(query, features, everything, settings), relevant, n - 1)
+        exhaustive.add(_rank(query, features, everything, settings, mean, mean_dots),
+                       relevant, n - 1)  # fmt: skip
         available = dict(members)  # as if the query were not in the database
         for wnid in set(corpus.memberships[row]) - {""}:
             available[wnid] = members[wnid][members[wnid] != row]
             if not len(available[wnid]):
                 del available[wnid]
         searched = np.zeros(n, bool)
-        for wnid in choose(i, available):
+        chosen = choose(i, available) if choose is not None else \
+            choose_categories(order, available, settings.min_candidates)  # fmt: skip
+        for wnid in chosen:
             searched[members[wnid]] = True
         searched[row] = False
-        gated.add(_rank(query, features, searched, settings), relevant, int(searched.sum()))
+        gated.add(_rank(query, features, searched, settings, mean, mean_dots), relevant,
+                  int(searched.sum()))  # fmt: skip
     if not gated.ap:
         raise CbirError("no query has a relevant image: every label needs at least two images")
     kept = [
@@ -251,17 +260,55 @@ def evaluate_corpus(
     )  # fmt: skip
 
 
+class _Centring:
+    """The corpus's feature sums, overall and per category, from which each query's mean and
+    centroids are made without its own row (as the catalog's sums would be)."""
+
+    def __init__(self, corpus: Corpus, features: npt.NDArray[np.float32]) -> None:
+        self.corpus, self.features = corpus, features
+        f64 = features.astype(np.float64)
+        self.total = f64.sum(axis=0)
+        self.sums = sums_by_category(f64, [tuple(w for w in m if w) for m in corpus.memberships])
+        self.sums.pop("", None)
+        self.wnids = sorted(self.sums)
+        self.sizes = Counter(w for m in corpus.memberships for w in m if w)
+        self.total_dots = features @ self.total.astype(np.float32)  # (n,) x . sum
+
+    def without(
+        self, row: int, query: npt.NDArray[np.float32]
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], list[str]]:
+        """(mean (d,), features @ mean (n,), categories by centroid) with `row` left out."""
+        n = len(self.features)
+        own_feature = self.features[row].astype(np.float64)
+        mean = (self.total - own_feature) / (n - 1)
+        mean_dots = (self.total_dots - self.features @ self.features[row]) / (n - 1)
+        own = set(self.corpus.memberships[row])
+        kept, means = [], []
+        for wnid in self.wnids:
+            size = self.sizes[wnid] - (wnid in own)
+            if size > 0:
+                kept.append(wnid)
+                means.append((self.sums[wnid] - own_feature * (wnid in own)) / size)
+        centroids = normalise(np.array(means) - mean) if kept else np.zeros((0, len(mean)))
+        centred_query = normalise(query - mean.astype(np.float32))
+        order = np.argsort(-(centroids @ centred_query), kind="stable")
+        return mean.astype(np.float32), mean_dots.astype(np.float32), [kept[j] for j in order]
+
+
 def _rank(
     query: npt.NDArray[np.float32],
     features: npt.NDArray[np.float32],
     searched: npt.NDArray[np.bool_],
     settings: SearchSettings,
+    mean: npt.NDArray[np.float32] | None = None,
+    mean_dots: npt.NDArray[np.float32] | None = None,
 ) -> npt.NDArray[np.int64]:
     """All searched rows (mask (n,)), best first, ranked exactly as `cbir query` ranks them."""
     rows = np.flatnonzero(searched)
     order, _ = top_matches(
-        query, features[rows], len(rows), settings.query_expansion, settings.qe_alpha
-    )
+        query, features[rows], len(rows), settings.query_expansion, settings.qe_alpha,
+        mean, None if mean_dots is None else mean_dots[rows],
+    )  # fmt: skip
     return rows[order]
 
 
@@ -331,10 +378,12 @@ class RunReport:
 
 
 def run_evaluation(
-    labels: dict[str, str | None], options: RunOptions, db_dir: Path | None = None
+    labels: dict[str, str | None], options: RunOptions, db_dir: Path | None = None,
+    distractors: Path | None = None,
 ) -> RunReport:
-    """Index the labelled images into a temporary database (or use `db_dir`), then evaluate
-    every labelled image against the rest through the database's stored rows."""
+    """Index the labelled images (and the images under `distractors`, unlabelled) into a
+    temporary database, or use `db_dir`, then evaluate every labelled image against the rest
+    through the database's stored rows."""
     if db_dir is not None:
         return _evaluate_db(db_dir, labels, options)
     from cbir.indexing import IndexOptions, index_paths
@@ -348,7 +397,8 @@ def run_evaluation(
     )  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="cbir-evaluate-") as tmp:
         temp_db = Path(tmp) / "db"
-        index_paths(temp_db, [Path(p) for p in sorted(labels)], index)
+        sources = [Path(p) for p in sorted(labels)] + ([distractors] if distractors else [])
+        index_paths(temp_db, sources, index)
         return _evaluate_db(temp_db, labels, options)
 
 

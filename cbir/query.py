@@ -20,11 +20,11 @@ from cbir.db.catalog import ImageRecord
 from cbir.db.database import CategoryMembers
 from cbir.db.matrix import SCAN_BLOCK_ROWS, SearchMatrix
 from cbir.errors import BadImage, CbirError
-from cbir.features import expand_query
+from cbir.features import expand_query, normalise
 from cbir.hashing import image_id_of
 from cbir.images import DEFAULT_MAX_MEGAPIXELS, load_image
 from cbir.model import Descriptions, Model, get_backbone, load_model, resolve_weights
-from cbir.ranking import Float16Rows, rank
+from cbir.ranking import Float16Rows, rank, top_rows
 from cbir.search import (
     DEFAULT_MIN_CANDIDATES,
     DEFAULT_QUERY_EXPANSION,
@@ -165,11 +165,13 @@ def search_described(
             resident.refresh(db)
         members = CategoryMembers(db)
         pool, gatings = None, [None] * len(loaded)
+        features = described.features[db.settings.pooling]
         if len(loaded) > 1 and not options.search_all and resident is None:
-            gatings = [choose(db, p, members, options) for p in described.probs]
+            gatings = [choose(db, p, f, members, options)
+                       for p, f in zip(described.probs, features, strict=True)]  # fmt: skip
             pool = CandidatePool(db)
             pool.gather([g.wnids for g in gatings])
-        return [search(db, path, described.probs[i], described.features[db.settings.pooling][i],
+        return [search(db, path, described.probs[i], features[i],
                        members, options, pool, gatings[i], resident,
                        own_id if options.exclude_self else None)
                 for i, (path, _, own_id) in enumerate(loaded)]  # fmt: skip
@@ -254,12 +256,13 @@ class ResidentMatrix:
         return self._live
 
     def rank(
-        self, rows: npt.NDArray[np.int64], query: npt.NDArray[np.float32], options: QueryOptions
+        self, rows: npt.NDArray[np.int64], query: npt.NDArray[np.float32], options: QueryOptions,
+        mean: npt.NDArray[np.float32] | None,
     ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
         """(rows, scores) of the best of the candidate rows (sorted), best first."""
         everything = len(rows) == len(self.rows)
         return rank(self.rows, query, options.n_results, options.query_expansion,
-                    None if everything else rows)  # fmt: skip
+                    None if everything else rows, mean)  # fmt: skip
 
 
 class CandidatePool:
@@ -290,7 +293,8 @@ class CandidatePool:
         self.db.matrix().gather_codes(self.rows, self.index.buffer(len(self.rows)))
 
     def rank(
-        self, wnids: tuple[str, ...], query: npt.NDArray[np.float32], options: QueryOptions
+        self, wnids: tuple[str, ...], query: npt.NDArray[np.float32], options: QueryOptions,
+        mean: npt.NDArray[np.float32] | None,
     ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32], int] | None:
         """(rows, scores, rows searched) among the rows of `wnids`; None if not pooled."""
         if self.index is None or any(w not in self.by_wnid for w in wnids):
@@ -299,16 +303,27 @@ class CandidatePool:
         positions = np.searchsorted(self.rows, rows)
         everything = len(positions) == len(self.rows)
         best, scores = rank(self.index, query, options.n_results, options.query_expansion,
-                            None if everything else positions)  # fmt: skip
+                            None if everything else positions, mean)  # fmt: skip
         return self.rows[best], scores, len(rows)
 
 
 def choose(
-    db: Database, probs: npt.NDArray[np.float32], members: CategoryMembers, options: QueryOptions
+    db: Database, probs: npt.NDArray[np.float32], feature: npt.NDArray[np.float32],
+    members: CategoryMembers, options: QueryOptions,
 ) -> Gating:
-    """The categories a gated query with class probabilities `probs` (1000,) searches."""
-    return choose_categories(probs, categories.wnids(), members, db.settings.top_k,
-                             options.min_candidates, members.sizes)  # fmt: skip
+    """The categories a gated query with class probabilities `probs` (1000,) and feature
+    (d,) searches: by centred centroid cosine (cbir.centring), or by probability in a
+    database too small to centre."""
+    wnids = categories.wnids()
+    own = [wnids[i] for i in np.argsort(-probs)]
+    fell_back = not any(w in members for w in own[: db.settings.top_k])
+    centre = db.centre()
+    if centre is None:
+        order, how = own, "probability"
+    else:
+        order, how = centre.category_order(centre.query(feature)), "centroids"
+    chosen = choose_categories(order, members, options.min_candidates, members.sizes)
+    return Gating(chosen, fell_back and bool(chosen), how)
 
 
 def search(
@@ -327,7 +342,8 @@ def search(
     `pool`: candidates gathered for a batch of queries (see CandidatePool), with `gating`,
     the categories already chosen for this query; `resident`: the matrix in memory, up to
     date (a server's); `exclude_id`: an image left out of the results (the query itself).
-    Hits below options.min_score are left out."""
+    Rows and query are compared centred on the database's mean (cbir.centring). Hits below
+    options.min_score are left out."""
     wanted = options.n_results
     if exclude_id is not None:
         options = replace(options, n_results=wanted + 1)
@@ -335,9 +351,11 @@ def search(
     names = categories.names_by_wnid()
     top = np.argsort(-probs)[: db.settings.top_k]
     own = tuple(Category(wnids[j], names[wnids[j]], float(probs[j])) for j in top)
+    centre = db.centre()
+    mean = None if centre is None else centre.mean
     method = "gated"
     if options.search_all:
-        gating = Gating(tuple(sorted(members)), fell_back=False, widened=False)
+        gating = Gating(tuple(sorted(members)), fell_back=False, order="all")
         centroids = None if options.exact else db.ivf()
         if centroids is not None:
             method = "ivf"
@@ -345,30 +363,32 @@ def search(
             lists = ivf.nearest_lists(centroids, feature[None, :], nprobe)[0]
             rows = db.catalog.rows_of_lists(lists.tolist())
             if resident is not None:
-                best, scores = resident.rank(rows, feature, options)
+                best, scores = resident.rank(rows, feature, options, mean)
             else:
-                best, scores = rank_candidates(db, rows, feature, options)
+                best, scores = rank_candidates(db, rows, feature, options, mean)
             n_searched = len(rows)
         elif resident is not None:
             method = "exact"
-            best, scores = resident.rank(resident.live_rows(db), feature, options)
+            best, scores = resident.rank(resident.live_rows(db), feature, options, mean)
             n_searched = db.n_images()
         else:
             method = "exact"
-            best, scores = exhaustive(db, feature, options.n_results, options.query_expansion)
+            best, scores = exhaustive(db, feature, options.n_results, options.query_expansion,
+                                      mean)  # fmt: skip
             n_searched = db.n_images()
     else:
-        gating = gating or choose(db, probs, members, options)
-        pooled = pool.rank(gating.wnids, feature, options) if pool is not None else None
+        gating = gating or choose(db, probs, feature, members, options)
+        pooled = pool.rank(gating.wnids, feature, options, mean) if pool is not None else None
         if resident is not None:
             rows = resident.category_rows(db, gating.wnids)
-            best, scores = resident.rank(rows, feature, options)
+            best, scores = resident.rank(rows, feature, options, mean)
             n_searched = len(rows)
         elif pooled is not None:
             best, scores, n_searched = pooled
         else:
-            rows = db.catalog.rows_of_categories(gating.wnids)
-            best, scores = rank_candidates(db, rows, feature, options)
+            rows = np.unique(np.concatenate([np.zeros(0, np.int64),
+                                             *(members[w] for w in gating.wnids)]))  # fmt: skip
+            best, scores = rank_candidates(db, rows, feature, options, mean)
             n_searched = len(rows)
     found = [h for h in hits_at_rows(db, best, scores)
              if h.id != exclude_id and h.score >= options.min_score]  # fmt: skip
@@ -377,12 +397,14 @@ def search(
 
 def rank_candidates(
     db: Database, rows: npt.NDArray[np.int64], query: npt.NDArray[np.float32],
-    options: QueryOptions,
+    options: QueryOptions, mean: npt.NDArray[np.float32] | None,
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
-    """(rows, cosine scores) of the best of the candidate matrix rows (r,), best first."""
+    """(rows, cosine scores) of the best of the candidate matrix rows (r,), best first,
+    compared centred on `mean` when given."""
     candidates = _scratch_rows(db.settings.feature_dim, len(rows))
     db.matrix().gather_codes(rows, candidates.buffer(len(rows)))
-    best, scores = rank(candidates, query, options.n_results, options.query_expansion)
+    best, scores = rank(candidates, query, options.n_results, options.query_expansion,
+                        mean=mean)  # fmt: skip
     return rows[best], scores
 
 
@@ -430,55 +452,59 @@ def _hits(
 
 
 def exhaustive(
-    db: Database, query: npt.NDArray[np.float32], n: int, expansion: int
+    db: Database, query: npt.NDArray[np.float32], n: int, expansion: int,
+    mean: npt.NDArray[np.float32] | None = None,
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
     """(rows, cosine scores) of the n best images of the whole database, best first, ranked
-    as `top_matches` ranks (the first `expansion` results expand the query), in one or two
-    passes over the search matrix."""
+    as `cbir.ranking.rank` ranks (centred on `mean` when given; the first `expansion`
+    results expand the query), in one or two passes over the search matrix."""
     matrix = db.matrix()
-    first_rows, first_scores = _live_top(db, query, max(n, expansion))
-    if expansion <= 0 or len(first_rows) <= expansion:
-        return first_rows[:n], first_scores[:n]
-    keep = first_rows[:expansion]
-    expanded = expand_query(query, matrix.gather(keep), first_scores[:expansion])
-    rows, _ = _live_top(db, expanded, n + expansion)
-    kept = set(keep.tolist())
-    rest = [r for r in rows.tolist() if r not in kept][: max(n - expansion, 0)]
-    all_rows = np.array([*keep.tolist(), *rest], np.int64)[:n]
-    return all_rows, matrix.gather(all_rows) @ query.astype(np.float32)
+    probe = query if mean is None else normalise(query - mean)
+    first_rows = _live_top(db, probe, max(n, expansion), mean)
+    if expansion > 0 and len(first_rows) > expansion:
+        keep = first_rows[:expansion]
+        found = matrix.gather(keep)
+        expanded = expand_query(query, found) if mean is None else \
+            expand_query(probe, normalise(found - mean))
+        rows = _live_top(db, expanded, n + expansion, mean)
+        kept = set(keep.tolist())
+        rest = [r for r in rows.tolist() if r not in kept][: max(n - expansion, 0)]
+        first_rows = np.array([*keep.tolist(), *rest], np.int64)
+    best = first_rows[:n]
+    return best, matrix.gather(best) @ query.astype(np.float32)
 
 
 def _live_top(
-    db: Database, query: npt.NDArray[np.float32], k: int
-) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
-    """(rows, scores) of the k best rows that a committed image owns. Dead rows (of removed
+    db: Database, query: npt.NDArray[np.float32], k: int, mean: npt.NDArray[np.float32] | None
+) -> npt.NDArray[np.int64]:
+    """The k best rows, best first, that a committed image owns. Dead rows (of removed
     images) are passed over: the scan asks for more rows until k live ones are in."""
     matrix = db.matrix()
     dead = max(matrix.n_rows - db.n_images(), 0)
     want = k + min(dead, 4 * k)
     while True:
-        rows, scores = _scan(matrix, query, want)
+        rows = _scan(matrix, query, want, mean)
         owned = db.catalog.ids_of_rows(rows.tolist())
-        live = np.array([r in owned for r in rows.tolist()], bool)
-        if live.sum() >= k or want >= matrix.n_rows:
-            return rows[live][:k], scores[live][:k]
+        live = rows[np.array([r in owned for r in rows.tolist()], bool)]
+        if len(live) >= k or want >= matrix.n_rows:
+            return live[:k]
         want *= 4
 
 
 def _scan(
-    matrix: SearchMatrix, query: npt.NDArray[np.float32], k: int
-) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
-    """Rows and scores of the k rows most similar to `query`, best first: the matrix is read
-    once, a block at a time, and only k candidates are kept between blocks."""
+    matrix: SearchMatrix, query: npt.NDArray[np.float32], k: int,
+    mean: npt.NDArray[np.float32] | None,
+) -> npt.NDArray[np.int64]:
+    """The k rows most similar to `query` (centred on `mean` when given), best first: the
+    matrix is read once, a block at a time, and only k candidates are kept between blocks."""
     block = Float16Rows(matrix.dim)
     rows, scores = np.zeros(0, np.int64), np.zeros(0, np.float32)
     for start in range(0, matrix.n_rows, SCAN_BLOCK_ROWS):
         n = min(SCAN_BLOCK_ROWS, matrix.n_rows - start)
         matrix.read_codes(start, block.buffer(n))
-        block_scores, positions = block.top(query[None, :], k)
-        found = positions[0] >= 0
-        rows = np.concatenate([rows, positions[0][found] + start])
-        scores = np.concatenate([scores, block_scores[0][found]])
+        block_scores, positions = top_rows(block, query, k, mean=mean)
+        rows = np.concatenate([rows, positions + start])
+        scores = np.concatenate([scores, block_scores])
         order = np.argsort(-scores, kind="stable")[:k]
         rows, scores = rows[order], scores[order]
-    return rows, scores
+    return rows

@@ -73,23 +73,58 @@ def rank(
     n: int,
     expansion: int,
     only: npt.NDArray[np.int64] | None = None,
+    mean: npt.NDArray[np.float32] | None = None,
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
     """Positions and cosine scores of the n rows (among the positions `only`, or all) most
     similar to `query` (d,), best first, ranked as `cbir.search.top_matches` ranks: with
     `expansion` m > 0 the best m keep their places and the rest follow the query averaged
-    with them; scores are cosines to `query`."""
-    from cbir.features import expand_query
+    with them. With the database's `mean` (d,) rows and query are compared centred
+    (cbir.centring), the expansion averaging centred rows. Scores are plain cosines to
+    `query` either way (they do not move as the database's mean does)."""
+    from cbir.features import expand_query, normalise
 
     searched = len(rows) if only is None else len(only)
     if searched == 0 or n <= 0:
         return np.zeros(0, np.int64), np.zeros(0, np.float32)
-    scores, positions = rows.top(query[None, :], max(n, expansion), only)
-    scores, positions = scores[0], positions[0]
-    if expansion <= 0 or searched <= expansion:
-        return positions[:n], scores[:n]
-    top, top_scores = positions[:expansion], scores[:expansion]
-    expanded = expand_query(query, rows.rows(top), top_scores)
-    _, again = rows.top(expanded[None, :], n + expansion, only)
-    rest = [p for p in again[0].tolist() if p >= 0 and p not in set(top.tolist())]
-    order = np.array([*top.tolist(), *rest[: max(n - expansion, 0)]], np.int64)[:n]
-    return order, rows.rows(order) @ np.asarray(query, np.float32)
+    probe = query if mean is None else normalise(query - mean)
+    scores, positions = top_rows(rows, probe, max(n, expansion), only, mean)
+    if expansion > 0 and searched > expansion:
+        top = positions[:expansion]
+        found = rows.rows(top)
+        if mean is None:
+            expanded = expand_query(query, found)
+        else:
+            expanded = expand_query(probe, normalise(found - mean))
+        _, again = top_rows(rows, expanded, n + expansion, only, mean)
+        kept = set(top.tolist())
+        rest = [p for p in again.tolist() if p not in kept]
+        positions = np.array([*top.tolist(), *rest[: max(n - expansion, 0)]], np.int64)
+    positions = positions[:n]
+    return positions, rows.rows(positions) @ np.asarray(query, np.float32)
+
+
+def top_rows(
+    rows: Float16Rows,
+    query: npt.NDArray[np.float32],
+    k: int,
+    only: npt.NDArray[np.int64] | None = None,
+    mean: npt.NDArray[np.float32] | None = None,
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+    """(scores, positions) (k,) of the k best rows, best first: by inner product with
+    `query`, or, given the `mean`, by the centred cosine to the centred `query`. The centred
+    form needs every searched row's two inner products (one FAISS pass over them for the
+    query and the mean), then a partial sort; ties go to the lower position."""
+    from cbir.centring import centred_scores
+    from cbir.search import best_of
+
+    if mean is None:
+        scores, positions = rows.top(query[None, :], k, only)
+        found = positions[0] >= 0
+        return scores[0][found], positions[0][found]
+    searched = len(rows) if only is None else len(only)
+    dots, positions = rows.top(np.stack([query, mean]), searched, only)
+    by_query, by_mean = np.argsort(positions[0]), np.argsort(positions[1])
+    at = positions[0][by_query]  # the searched positions, ascending
+    centred = centred_scores(dots[0][by_query], dots[1][by_mean], query, mean)
+    best = best_of(centred, k)
+    return centred[best], at[best]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,49 +18,39 @@ DEFAULT_QUERY_EXPANSION = 3  # +0.03..0.08 mAP, P@1 unchanged (docs/quality.md)
 class Gating:
     """Which categories a query searches, and why."""
 
-    wnids: tuple[str, ...]  # most probable first
+    wnids: tuple[str, ...]  # best first
     fell_back: bool  # none of the query's own top-k categories is in the database
-    widened: bool  # categories beyond the top-k were added to reach enough candidates
+    order: str = "centroids"  # "centroids" (centred centroid cosine) or "probability"
 
 
 def choose_categories(
-    probs: npt.NDArray[np.float32],
-    wnids: list[str],
+    order: Sequence[str],
     members: Mapping[str, npt.NDArray[np.int64]],
-    top_k: int,
     min_candidates: int = DEFAULT_MIN_CANDIDATES,
     sizes: Mapping[str, int] | None = None,
-) -> Gating:
-    """The query's top-k categories that the database has, widened by probability until
-    they hold at least `min_candidates` distinct images (so a small database is searched whole).
+) -> tuple[str, ...]:
+    """The categories of `order` (best first) that the database has, until they hold at least
+    `min_candidates` distinct images (at least one category; a small database is searched
+    whole).
 
-    probs: (1000,) the query's class probabilities; wnids: the classes in the same order;
-    members: the ids of the images stored in each category; sizes: their counts, when known,
-    so that members are read only where they decide (a category as large as min_candidates
-    needs no counting). An image stored in several chosen categories counts once: on a
-    1000-image database, counting it per category searched only 63 % of the rows and lost 5 %
-    of exhaustive mAP (Fashion-MNIST, docs/quality.md).
+    members: the sorted rows (or ids) of the images stored in each category; sizes: their
+    counts, when known, so that members are read only where they decide (a first category as
+    large as min_candidates needs no counting). An image stored in several chosen categories
+    counts once: on a 1000-image database, counting it per category searched only 63 % of the
+    rows and lost 5 % of exhaustive mAP (Fashion-MNIST, docs/quality.md).
     """
-    order = np.argsort(-probs)
-    chosen = [wnids[i] for i in order[:top_k] if wnids[i] in members]
-    has_own = bool(chosen)
-    if sizes is not None and chosen and max(sizes[w] for w in chosen) >= min_candidates:
-        return Gating(tuple(chosen), fell_back=False, widened=False)
-    seen: set[int] = set()
-    for wnid in chosen:
-        seen.update(members[wnid].tolist())
-    widened = False
-    for i in order[top_k:]:
-        if chosen and len(seen) >= min_candidates:
+    chosen: list[str] = []
+    seen = np.zeros(0, np.int64)
+    for wnid in order:
+        if wnid not in members:
+            continue
+        if not chosen and sizes is not None and sizes.get(wnid, 0) >= min_candidates:
+            return (wnid,)
+        chosen.append(wnid)
+        seen = np.union1d(seen, members[wnid])
+        if len(seen) >= min_candidates:
             break
-        wnid = wnids[i]
-        if wnid in members:
-            chosen.append(wnid)
-            seen.update(members[wnid].tolist())
-            widened = True
-    return Gating(
-        tuple(chosen), fell_back=not has_own and bool(chosen), widened=widened and has_own
-    )
+    return tuple(chosen)
 
 
 def top_matches(
@@ -69,29 +59,46 @@ def top_matches(
     n: int,
     expansion: int = 0,
     alpha: float = 0.0,
+    mean: npt.NDArray[np.float32] | None = None,
+    mean_dots: npt.NDArray[np.float32] | None = None,
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
     """Indices and cosine scores of the n rows most similar to `query`, best first.
 
     query: (d,) unit-norm; features: (r, d) float32, rows unit-norm. One matrix product, then a
     partial sort, so 100k rows take milliseconds. With `expansion` m > 0 (query expansion), the
     best m rows keep their places and the rest are ordered by their cosine to the query
-    averaged with those m (`cbir.features.expand_query`; alpha weighs them by score**alpha);
-    scores stay cosines to the query itself. `cbir evaluate` ranks with this same function.
+    averaged with those m (`cbir.features.expand_query`; alpha weighs them by score**alpha).
+    With the database's `mean` (d,), rows and query are compared centred (cbir.centring;
+    `mean_dots` (r,): features @ mean, if already known) and the expansion averages centred
+    rows. Scores stay cosines to the query itself. `cbir evaluate` ranks with this function,
+    `cbir query` with cbir.ranking.rank, which ranks the same way on float16 rows.
     """
+    from cbir.centring import centred_scores
+    from cbir.features import normalise
+
     if len(features) == 0 or n <= 0:
         return np.zeros(0, np.int64), np.zeros(0, np.float32)
-    scores = features @ query.astype(np.float32)
+    if mean is not None and mean_dots is None:
+        mean_dots = features @ mean
+
+    def similarity(probe: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        dots = features @ probe.astype(np.float32)
+        return dots if mean is None else centred_scores(dots, mean_dots, probe, mean)
+
+    probe = query if mean is None else normalise(query - mean)
+    scores = similarity(probe)
     if expansion <= 0 or len(scores) <= expansion:
-        best = _best(scores, n)
-        return best, scores[best]
-    top = _best(scores, expansion)
-    expanded_scores = features @ expand_query(query, features[top], scores[top], alpha)
+        best = best_of(scores, n)
+        return best, features[best] @ query.astype(np.float32)
+    top = best_of(scores, expansion)
+    found = features[top] if mean is None else normalise(features[top] - mean)
+    expanded_scores = similarity(expand_query(probe, found, scores[top], alpha))
     expanded_scores[top] = 3.0 + scores[top]  # above any cosine, in their first order
-    best = _best(expanded_scores, n)
-    return best, scores[best]
+    best = best_of(expanded_scores, n)
+    return best, features[best] @ query.astype(np.float32)
 
 
-def _best(scores: npt.NDArray[np.float32], n: int) -> npt.NDArray[np.int64]:
+def best_of(scores: npt.NDArray[np.float32], n: int) -> npt.NDArray[np.int64]:
     """Indices of the n highest scores, highest first (ties in row order)."""
     n = min(n, len(scores))
     best = np.sort(np.argpartition(-scores, n - 1)[:n])  # row order, so the stable sort keeps it

@@ -75,7 +75,7 @@ def _toy_corpus(queries: list[int]) -> Corpus:
 
 
 def test_evaluate_corpus_matches_hand_computed_rankings():
-    ev = evaluate_corpus(_toy_corpus([0, 3]), SearchSettings(top_k=1, min_candidates=0))
+    ev = evaluate_corpus(_toy_corpus([0, 3]), SearchSettings(min_candidates=0, centre=False))
     # query 0 (A): all rows by angle: 1 2 3 4 = [non rel rel non]; gated to c0: 1 3 = [non rel]
     # query 3 (A): all rows by angle: 4 2 1 0 = [non rel non rel]; gated to c0: 1 0 = [non rel]
     assert ev.n_queries == 2 and ev.n_images == 5 and ev.n_labels == 2
@@ -142,7 +142,7 @@ def _ap_by_brute_force(order: list[int], labels: list[str], query: int) -> float
 
 
 @needs_shared
-def test_cli_evaluate_matches_a_brute_force_cosine_ranking(tmp_path, capsys, lite0):
+def test_cli_evaluate_matches_brute_force_rankings_centred_and_plain(tmp_path, capsys, lite0):
     from cbir.cli import main
     from cbir.images import load_image
 
@@ -156,35 +156,34 @@ def test_cli_evaluate_matches_a_brute_force_cosine_ranking(tmp_path, capsys, lit
             labels.append(label)
     (source / "labels.csv").write_text("not an image\n")
 
-    argv = [
-        "evaluate",
-        str(source),
-        "--model",
-        "efficientnet_lite0",
-        "--json",
-        "--query-expansion",
-        "0",
-    ]  # fmt: skip  (the brute force below is plain cosine)
-    assert main(argv) == 0
-    result = json.loads(capsys.readouterr().out)
-    assert (result["n_images"], result["n_queries"], result["n_labels"]) == (12, 12, 3)
-    assert result["not_indexed"] == 0 and result["backbone"] == "efficientnet_lite0"
-    for mode in ("gated", "exhaustive"):
-        scores = result[mode]
-        for key in ("map", "p_at_1", "p_at_5", "p_at_10", "r_at_10", "rows_share"):
-            assert 0.0 <= scores[key] <= 1.0
-        assert scores["p_at_10"] <= 3 / 10 + 1e-9  # only 3 other images share a label
-    assert result["exhaustive"]["rows_searched"] == 11
-    assert result["gated"] == result["exhaustive"]  # 12 images < 1000 candidates: all searched
-    assert result["top10_kept"] == 1.0
-
     features = lite0.describe(np.stack([load_image(p, 224) for p in paths])).features["gap"]
-    similarity = features @ features.T
-    aps = []
-    for q in range(len(paths)):
-        order = [j for j in np.argsort(-similarity[q], kind="stable") if j != q]
-        aps.append(_ap_by_brute_force(order, labels, q))
-    assert result["exhaustive"]["map"] == pytest.approx(float(np.mean(aps)), abs=1e-4)
+    for centring in (True, False):
+        argv = ["evaluate", str(source), "--model", "efficientnet_lite0", "--json",
+                "--query-expansion", "0", *([] if centring else ["--no-centring"])]  # fmt: skip
+        assert main(argv) == 0
+        result = json.loads(capsys.readouterr().out)
+        assert (result["n_images"], result["n_queries"], result["n_labels"]) == (12, 12, 3)
+        assert result["not_indexed"] == 0 and result["backbone"] == "efficientnet_lite0"
+        for mode in ("gated", "exhaustive"):
+            scores = result[mode]
+            for key in ("map", "p_at_1", "p_at_5", "p_at_10", "r_at_10", "rows_share"):
+                assert 0.0 <= scores[key] <= 1.0
+            assert scores["p_at_10"] <= 3 / 10 + 1e-9  # only 3 other images share a label
+        assert result["exhaustive"]["rows_searched"] == 11
+        assert result["gated"] == result["exhaustive"]  # 12 images < 1000 candidates: all
+        assert result["top10_kept"] == 1.0
+        aps = []
+        for q in range(len(paths)):
+            others = [j for j in range(len(paths)) if j != q]
+            rows, query = features[others], features[q]
+            if centring:  # cosines after subtracting the mean of the database (without q)
+                mean = rows.mean(axis=0)
+                rows, query = rows - mean, query - mean
+                rows = rows / np.linalg.norm(rows, axis=1, keepdims=True)
+            similarity = rows @ query
+            order = [others[j] for j in np.argsort(-similarity, kind="stable")]
+            aps.append(_ap_by_brute_force(order, labels, q))
+        assert result["exhaustive"]["map"] == pytest.approx(float(np.mean(aps)), abs=2e-3)
 
 
 @needs_shared

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
 from cbir.search import choose_categories, top_matches
@@ -33,19 +35,13 @@ def test_query_expansion_keeps_the_top_results_and_reranks_the_rest():
 
 
 def test_widening_counts_an_image_stored_in_several_categories_once():
-    wnids = ["a", "b", "c", "d"]
-    probs = np.array([0.4, 0.3, 0.2, 0.1], np.float32)
     members = {"a": np.array([1, 2]), "b": np.array([1, 2]), "c": np.array([3]),
                "d": np.array([4])}  # fmt: skip
-    gating = choose_categories(probs, wnids, members, top_k=1, min_candidates=3)
-    assert gating.wnids == ("a", "b", "c") and gating.widened and not gating.fell_back
+    assert choose_categories(["a", "b", "c", "d"], members, min_candidates=3) == ("a", "b", "c")
 
 
-def test_falls_back_to_the_most_probable_categories_the_database_has():
-    probs = np.array([0.7, 0.2, 0.1], np.float32)
-    gating = choose_categories(probs, ["x", "y", "z"], {"z": np.array([5])}, top_k=2,
-                               min_candidates=0)  # fmt: skip
-    assert gating.wnids == ("z",) and gating.fell_back
+def test_categories_the_database_lacks_are_passed_over():
+    assert choose_categories(["x", "y", "z"], {"z": np.array([5])}, min_candidates=0) == ("z",)
 
 
 def test_a_category_as_large_as_the_budget_needs_no_member_counting():
@@ -53,11 +49,26 @@ def test_a_category_as_large_as_the_budget_needs_no_member_counting():
         def __getitem__(self, wnid):
             raise AssertionError(f"members of {wnid} were read")
 
-    probs = np.array([0.6, 0.4], np.float32)
     members = Unread(a=None, b=None)
-    gating = choose_categories(probs, ["a", "b"], members, top_k=1, min_candidates=1000,
+    chosen = choose_categories(["a", "b"], members, min_candidates=1000,
                                sizes={"a": 1000, "b": 5})  # fmt: skip
-    assert gating.wnids == ("a",) and not gating.widened
+    assert chosen == ("a",)
+
+
+def test_centred_ranking_equals_cosines_of_centred_rows():
+    rng = np.random.default_rng(7)
+    features = unit(rng.standard_normal((300, 16)).tolist()) + 0.8  # a shared direction
+    features = unit(features.tolist())
+    mean = features.mean(axis=0)
+    query = unit([(features[5] + 0.3 * rng.standard_normal(16)).tolist()])[0]
+    centred = unit((features - mean).tolist())
+    for expansion in (0, 3):
+        got, scores = top_matches(query, features, 20, expansion, mean=mean)
+        expected, _ = top_matches(unit([(query - mean).tolist()])[0], centred, 20, expansion)
+        assert got.tolist() == expected.tolist()
+        np.testing.assert_allclose(scores, features[got] @ query, atol=1e-6)  # plain cosines
+    plain, _ = top_matches(query, features, 20)
+    assert plain.tolist() != got.tolist()  # centring changes the order here
 
 
 def test_ranking_float16_rows_with_faiss_agrees_with_top_matches():
@@ -68,8 +79,15 @@ def test_ranking_float16_rows_with_faiss_agrees_with_top_matches():
     query = unit([rng.standard_normal(32).tolist()])[0]
     index = Float16Rows(32)
     index.buffer(len(rows))[:] = rows.view(np.uint8)
-    for expansion in (0, 3):
-        got, scores = rank(index, query, 10, expansion)
-        expected, expected_scores = top_matches(query, rows.astype(np.float32), 10, expansion)
+    mean = rows.astype(np.float32).mean(axis=0) + 0.05
+    only = np.arange(0, 500, 3)
+    for expansion, centre in itertools.product((0, 3), (None, mean)):
+        got, scores = rank(index, query, 10, expansion, mean=centre)
+        expected, expected_scores = top_matches(query, rows.astype(np.float32), 10, expansion,
+                                                mean=centre)  # fmt: skip
         assert got.tolist() == expected.tolist()
         np.testing.assert_allclose(scores, expected_scores, atol=1e-5)
+        got, _ = rank(index, query, 10, expansion, only, centre)
+        expected, _ = top_matches(query, rows[only].astype(np.float32), 10, expansion,
+                                  mean=centre)  # fmt: skip
+        assert got.tolist() == only[expected].tolist()

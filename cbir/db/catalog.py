@@ -16,7 +16,7 @@ import re
 import sqlite3
 import threading
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,11 +24,12 @@ import numpy as np
 import numpy.typing as npt
 
 from cbir import categories
+from cbir.centring import sums_by_category
 from cbir.db.files import damaged
 from cbir.errors import DatabaseError
 
 CATALOG_NAME = "catalog.sqlite"
-SCHEMA_VERSION = 4  # 4: keyed by matrix row; 3: images.classes, placements.row
+SCHEMA_VERSION = 5  # 5: feature_sums; 4: keyed by matrix row; 3: images.classes
 TOP_CLASSES = 32  # class probabilities kept per image: `cbir find` ranks with all 1000's
 # mean AP on evaldata at 32, and loses 0.05 at 4 (bench/bench_find.py)
 _SCHEMA = """
@@ -55,6 +56,12 @@ CREATE TABLE placements (       -- image_id (matrix row `row`) is stored in cate
 CREATE TABLE category_sizes (   -- rows of placements per wnid, kept by each commit
     wnid TEXT PRIMARY KEY, n INTEGER NOT NULL
 ) WITHOUT ROWID;
+CREATE TABLE feature_sums (     -- sum of the stored (float16) features of the images in
+    wnid TEXT PRIMARY KEY,       -- category wnid ('': of every image), float64 little-endian,
+    sum BLOB NOT NULL            -- kept by each commit: the centre and category centroids of a
+) WITHOUT ROWID;                 -- query (cbir.centring). float16 values add up exactly in
+                                 -- float64, so adding and removing keep it equal to a sum made
+                                 -- afresh, in any order
 CREATE TABLE paths (            -- source files; path is os.fsencode(str path)
     path BLOB PRIMARY KEY, image_id INTEGER NOT NULL, size INTEGER NOT NULL,
     mtime_ns INTEGER NOT NULL
@@ -68,6 +75,8 @@ CREATE TABLE meta (             -- matrix_generation: the matrix file in use (it
                                 -- category files (those above are written in batches)
 ) WITHOUT ROWID;
 """
+# Reads the stored features of matrix rows: rows (r,) int64 -> (r, d) float32 (float16 values)
+FeatureReader = Callable[[npt.NDArray[np.int64]], npt.NDArray[np.float32]]
 _IN_CHUNK = 500  # values per "IN (...)" query, below SQLite's limit on parameters
 _STORED_NAME = re.compile(r"[^/\x00]{1,255}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -254,6 +263,7 @@ class Catalog:
             for wnid in wnids:
                 conn.execute("DELETE FROM placements WHERE wnid = ?", (wnid,))
                 conn.execute("DELETE FROM category_sizes WHERE wnid = ?", (wnid,))
+                conn.execute("DELETE FROM feature_sums WHERE wnid = ?", (wnid,))
 
     def recorded_rows(self) -> int:
         """Images whose matrix row is below this are in their category files."""
@@ -503,20 +513,28 @@ class Catalog:
         paths: Iterable[tuple[str, PathRecord]] = (),
         forget: Iterable[str] = (),
         matrix_rows: int | None = None,
+        features_of: FeatureReader | None = None,
     ) -> Committed:
         """In one transaction: insert the `images` not held yet, point `paths` at theirs,
         forget the paths in `forget` and record the matrix's committed rows; images no path
-        points at any more are dropped."""
+        points at any more are dropped. `features_of` reads the stored features of matrix
+        rows (committed or just appended): the feature sums follow what was added and
+        dropped (required whenever images are)."""
         with self.transaction() as conn:
             added, displaced = insert(conn, images, paths)
             for path in forget:
                 key = os.fsencode(path)
                 displaced.update(_image_of(conn, key))
                 conn.execute("DELETE FROM paths WHERE path = ?", (key,))
-            dropped, dropped_from = _drop_unreferenced(conn, sorted(displaced))
+            dropped = _drop_unreferenced(conn, sorted(displaced))
+            if added or dropped:
+                if features_of is None:
+                    raise ValueError("a commit that adds or drops images needs features_of")
+                _add_to_sums(conn, [(r.row, r.wnids) for r in added], features_of, +1)
+                _add_to_sums(conn, dropped, features_of, -1)
             if matrix_rows is not None:
                 set_matrix_rows(conn, matrix_rows)
-            return Committed(added, dropped, dropped_from)
+            return Committed(len(added), len(dropped), {w for _, ws in dropped for w in ws})
 
     def move_rows(self, new_rows: dict[int, int], generation: int, matrix_rows: int) -> None:
         """Point every image at its row of a rewritten matrix (image id -> row), and record
@@ -533,13 +551,45 @@ class Catalog:
             conn.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
                              (("matrix_generation", generation), ("recorded_rows", matrix_rows)))
 
-    def drop_images(self, ids: Iterable[int]) -> Committed:
-        """Forget images and their paths (check --repair: nothing is left to rebuild them)."""
+    def drop_images(self, ids: Iterable[int], features_of: FeatureReader | None) -> Committed:
+        """Forget images and their paths (check --repair: nothing is left to rebuild them).
+        Without `features_of` (the matrix is being rebuilt) the feature sums are left for
+        `set_feature_sums` to replace."""
         with self.transaction() as conn:
             ids = list(ids)
             conn.executemany("DELETE FROM paths WHERE image_id = ?", ((i,) for i in ids))
-            dropped, dropped_from = _drop_unreferenced(conn, ids)
-            return Committed(0, dropped, dropped_from)
+            dropped = _drop_unreferenced(conn, ids)
+            if features_of is not None:
+                _add_to_sums(conn, dropped, features_of, -1)
+            return Committed(0, len(dropped), {w for _, ws in dropped for w in ws})
+
+    def feature_sums(self, dim: int) -> dict[str, npt.NDArray[np.float64]]:
+        """wnid -> (d,) float64 sum of the stored features of its images; '' -> of every
+        image (absent while the database is empty). A value that is not d finite numbers is
+        damage (check --repair sums them afresh)."""
+        sums = {}
+        for wnid, blob in self._rows("SELECT wnid, sum FROM feature_sums"):
+            if not isinstance(blob, bytes) or len(blob) != 8 * dim or not (
+                wnid == "" or categories.is_wnid(wnid)
+            ):
+                raise damaged(self.path, "invalid feature sums; run 'cbir check --repair'")
+            value = np.frombuffer(blob, "<f8").astype(np.float64)
+            if not np.isfinite(value).all():
+                raise damaged(self.path, "invalid feature sums; run 'cbir check --repair'")
+            sums[str(wnid)] = value
+        return sums
+
+    def set_feature_sums(self, sums: dict[str, npt.NDArray[np.float64]]) -> None:
+        """Replace every feature sum (check --repair, from a pass over the matrix)."""
+        with self.transaction() as conn:
+            conn.execute("DELETE FROM feature_sums")
+            conn.executemany("INSERT INTO feature_sums VALUES (?, ?)",
+                             ((w, np.asarray(v, "<f8").tobytes()) for w, v in sums.items()))
+
+    def rows_and_categories(self) -> Iterator[tuple[int, tuple[str, ...]]]:
+        """(matrix row, categories) of every image in row order, streamed (check)."""
+        for row, wnids in self._iterate("SELECT row, wnids FROM images ORDER BY row"):
+            yield int(row), tuple(str(wnids).split())
 
 
 def encode_classes(indices: Sequence[int], probs: Sequence[float]) -> bytes:
@@ -565,9 +615,9 @@ def insert(
     conn: sqlite3.Connection,
     images: Iterable[ImageRecord],
     paths: Iterable[tuple[str, PathRecord]],
-) -> tuple[int, set[int]]:
-    """Insert the images not held yet and set the paths; returns how many images were
-    inserted, and the ids of the images that set paths pointed at before."""
+) -> tuple[list[ImageRecord], set[int]]:
+    """Insert the images not held yet and set the paths; returns the images inserted, and
+    the ids of the images that set paths pointed at before."""
     new = _not_held(conn, list(images))
     conn.executemany(
         "INSERT INTO images (id, sha256, stored_name, wnids, probs, row, list, classes) "
@@ -584,7 +634,7 @@ def insert(
         displaced.update(i for i in _image_of(conn, key) if i != rec.image_id)
         conn.execute("INSERT OR REPLACE INTO paths VALUES (?, ?, ?, ?)",
                      (key, rec.image_id, rec.size, rec.mtime_ns))  # fmt: skip
-    return len(new), displaced
+    return new, displaced
 
 
 def _write_error(path: Path, exc: sqlite3.OperationalError) -> DatabaseError:
@@ -633,21 +683,59 @@ def _count(conn: sqlite3.Connection, counts: Counter[str], sign: int) -> None:
         conn.execute("DELETE FROM category_sizes WHERE n <= 0")
 
 
-def _drop_unreferenced(conn: sqlite3.Connection, ids: list[int]) -> tuple[int, set[str]]:
-    """Drop the images among `ids` that no path points at; returns how many, and their
-    categories."""
-    n, dropped = 0, Counter[str]()
+def _drop_unreferenced(
+    conn: sqlite3.Connection, ids: list[int]
+) -> list[tuple[int, tuple[str, ...]]]:
+    """Drop the images among `ids` that no path points at; returns their (row, categories)."""
+    dropped: list[tuple[int, tuple[str, ...]]] = []
     for image_id in ids:
         if conn.execute("SELECT 1 FROM paths WHERE image_id = ? LIMIT 1", (image_id,)).fetchone():
             continue
         found = conn.execute("SELECT wnids, row FROM images WHERE id = ?", (image_id,)).fetchone()
         if found is None:
             continue
-        wnids, row = str(found[0]).split(), found[1]
+        wnids, row = tuple(str(found[0]).split()), found[1]
         conn.execute("DELETE FROM images WHERE id = ?", (image_id,))
         conn.executemany("DELETE FROM placements WHERE wnid = ? AND row = ? AND image_id = ?",
                          ((w, row, image_id) for w in wnids))  # fmt: skip
-        dropped.update(wnids)
-        n += 1
-    _count(conn, dropped, -1)
-    return n, set(dropped)
+        dropped.append((row, wnids))
+    _count(conn, Counter(w for _, ws in dropped for w in ws), -1)
+    return dropped
+
+
+SUM_BLOCK = 4096  # rows whose features are read at once to update the feature sums
+
+
+def _add_to_sums(
+    conn: sqlite3.Connection,
+    images: list[tuple[int, tuple[str, ...]]],
+    features_of: FeatureReader,
+    sign: int,
+) -> None:
+    """Add (sign +1) or subtract (-1) the stored features of images (row, categories) to
+    the sums of their categories and of the whole database."""
+    if not images:
+        return
+    deltas: dict[str, npt.NDArray[np.float64]] = {}
+    for start in range(0, len(images), SUM_BLOCK):
+        block = images[start : start + SUM_BLOCK]
+        features = features_of(np.array([row for row, _ in block], np.int64)).astype(np.float64)
+        for wnid, delta in sums_by_category(features, [ws for _, ws in block]).items():
+            deltas[wnid] = deltas[wnid] + delta if wnid in deltas else delta
+    keys = sorted(deltas)
+    old = {}
+    for start in range(0, len(keys), _IN_CHUNK):
+        chunk = keys[start : start + _IN_CHUNK]
+        old.update(conn.execute("SELECT wnid, sum FROM feature_sums WHERE wnid IN "
+                                f"({','.join('?' * len(chunk))})", chunk))  # fmt: skip
+    dim = len(next(iter(deltas.values())))
+    updated = []
+    for wnid in keys:
+        blob = old.get(wnid)
+        base = np.frombuffer(blob, "<f8") if isinstance(blob, bytes) and len(blob) == 8 * dim \
+            else np.zeros(dim)
+        updated.append((wnid, (base + sign * deltas[wnid]).astype("<f8").tobytes()))
+    conn.executemany("INSERT OR REPLACE INTO feature_sums VALUES (?, ?)", updated)
+    if sign < 0:  # categories left empty keep no sum
+        conn.execute("DELETE FROM feature_sums WHERE wnid != '' AND wnid NOT IN "
+                     "(SELECT wnid FROM category_sizes)")

@@ -13,6 +13,7 @@ writes outside the database folder and never follows a link out of it.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import stat
 from collections.abc import Callable, Iterator
@@ -22,8 +23,15 @@ import numpy as np
 import numpy.typing as npt
 
 from cbir import categories
+from cbir.centring import sums_by_category
 from cbir.db import ivf
-from cbir.db.catalog import CATALOG_NAME, Catalog, ImageRecord, insert
+from cbir.db.catalog import (
+    CATALOG_NAME,
+    SUM_BLOCK,
+    Catalog,
+    ImageRecord,
+    insert,
+)
 from cbir.db.category_files import (
     CategoryRows,
     next_segment_number,
@@ -71,6 +79,7 @@ class _Checker:
         self.interrupted = (db.db_dir / WRITING_NAME).exists()
         self.quiet = False
         self.recorded = 0  # images of matrix rows below this are expected in category files
+        self.sums_stale = False  # this repair dropped images without updating the feature sums
 
     def say(self, what: str, fix: str = "") -> None:
         if not self.quiet:
@@ -124,11 +133,14 @@ class _Checker:
         if lost and self.w is not None:
             self.say(f"{len(lost)} images have no stored copy or source file left",
                      "dropped: run the same create-db or add again to re-index them")  # fmt: skip
-            done = db.catalog.drop_images(sorted(lost))
+            done = db.catalog.drop_images(sorted(lost), self.w.features_of if matrix_ok else None)
+            self.sums_stale |= not matrix_ok
             self.quiet = True  # their other categories lose their rows too: not new problems
             for wnid in sorted(done.dropped_from):
                 self._check_category(wnid, matrix_ok)
             self.quiet = False
+        if matrix_ok:
+            self._check_feature_sums()
         n = db.catalog.n_images()
         if db.manifest.n_images != n:
             self.say(f"manifest counts {db.manifest.n_images} images, the catalog {n}",
@@ -161,7 +173,8 @@ class _Checker:
                      "fields (a stored name with '/', an unknown category, a bad hash)",
                      "dropped: run the same create-db or add again to re-index them")  # fmt: skip
             if self.w is not None:
-                catalog.drop_images(bad)
+                catalog.drop_images(bad, None)
+                self.sums_stale = True  # the matrix is checked after this
 
     # -- the search matrix ------------------------------------------------------------------
 
@@ -177,6 +190,33 @@ class _Checker:
                      "rebuilt from the category files")  # fmt: skip
             return False
         return True
+
+    def _check_feature_sums(self) -> None:
+        """The catalog's feature sums equal sums made afresh from the matrix (one pass over
+        it, a block of rows at a time)."""
+        try:
+            stored = self.db.catalog.feature_sums(self.dim)
+        except DatabaseError as exc:
+            self.say(_first_part(exc), "summed afresh")
+            stored = None
+        fresh: dict[str, npt.NDArray[np.float64]] = {}
+        matrix, block = self.db.matrix(), []
+        images = self.db.catalog.rows_and_categories()
+        while True:
+            block = list(itertools.islice(images, SUM_BLOCK))
+            if not block:
+                break
+            features = matrix.gather(np.array([r for r, _ in block], np.int64))
+            for wnid, part in sums_by_category(features.astype(np.float64),
+                                               [ws for _, ws in block]).items():  # fmt: skip
+                fresh[wnid] = fresh[wnid] + part if wnid in fresh else part
+        if stored is not None and _same_sums(stored, fresh):
+            return
+        if stored is not None and not self.sums_stale:
+            self.say(f"{self.db.db_dir / CATALOG_NAME} has feature sums that disagree with the "
+                     "search matrix", "summed afresh")  # fmt: skip
+        if self.w is not None:
+            self.db.catalog.set_feature_sums(fresh)
 
     def _check_ivf(self) -> None:
         """The inverted file in use is readable and lists every image."""
@@ -221,7 +261,8 @@ class _Checker:
             if lost:
                 self.say(f"{len(lost)} images have no feature left in any category file",
                          "dropped: run the same create-db or add again to re-index them")
-                self.db.catalog.drop_images(lost)
+                self.db.catalog.drop_images(lost, None)
+                self.sums_stale = True
 
         self.w.replace_matrix(blocks_with_end(blocks(), drop_lost))
 
@@ -413,6 +454,7 @@ class _Checker:
         new.close()
         self.db.close()
         os.replace(tmp, path)
+        self.sums_stale = True  # the new catalog has none: summed at the end
         self.w._n_images = None
 
 
@@ -420,6 +462,14 @@ def blocks_with_end(blocks: Iterator, at_end: Callable[[], None]) -> Iterator:
     """`blocks`, then a call of `at_end` once they are exhausted."""
     yield from blocks
     at_end()
+
+
+def _same_sums(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
+    """Whether two sets of feature sums agree (an empty category's sum may be absent)."""
+    keys = {k for k, v in a.items() if v.any()} | {k for k, v in b.items() if v.any()}
+    zero = np.zeros(0)
+    return all(np.allclose(a.get(k, zero), b.get(k, zero), rtol=0, atol=1e-6)
+               if k in a and k in b else False for k in keys)
 
 
 def _first_part(exc: Exception) -> str:

@@ -15,6 +15,7 @@ import numpy as np
 import numpy.typing as npt
 
 from cbir import categories
+from cbir.centring import Centre
 from cbir.db import ivf
 from cbir.db.catalog import CATALOG_NAME, Catalog, ImageRecord, PathRecord
 from cbir.db.manifest import Manifest, Settings, read_manifest
@@ -33,6 +34,7 @@ class Database:
         self._catalog: Catalog | None = None
         self._matrix: SearchMatrix | None = None
         self._ivf: tuple[int, npt.NDArray[np.float32]] | None = None  # (generation, centroids)
+        self._centre: tuple[tuple[int, int, int], Centre | None] | None = None  # (state, centre)
 
     @classmethod
     def open(cls, db_dir: Path) -> Database:
@@ -99,6 +101,17 @@ class Database:
 
     # -- what a query needs -----------------------------------------------------------------
 
+    def centre(self) -> Centre | None:
+        """The mean feature and category centroids of the committed images (cbir.centring),
+        from the catalog's feature sums; None for a database too small to centre. Read again
+        only after a commit (call inside the query's catalog snapshot)."""
+        state = (*self.catalog.matrix_state(), self.catalog.n_images())
+        if self._centre is None or self._centre[0] != state:
+            sums = self.catalog.feature_sums(self.settings.feature_dim)
+            centre = Centre.from_sums(sums, self.catalog.category_sizes(), state[2])
+            self._centre = state, centre
+        return self._centre[1]
+
     def category_dir(self, wnid: str) -> Path:
         if not categories.is_wnid(wnid):
             raise DatabaseError(f"{self.db_dir} names an unknown category {wnid[:40]!r}; "
@@ -150,8 +163,9 @@ class Database:
 
 
 class CategoryMembers(Mapping[str, npt.NDArray[np.int64]]):
-    """wnid -> (m,) sorted ids of the committed images stored in that category. Members are
-    read from the catalog when first asked for: a query needs a few categories, not all."""
+    """wnid -> (m,) sorted matrix rows of the committed images stored in that category.
+    Members are read from the catalog when first asked for: a query needs a few categories,
+    not all."""
 
     def __init__(self, db: Database) -> None:
         self._db = db
@@ -162,7 +176,7 @@ class CategoryMembers(Mapping[str, npt.NDArray[np.int64]]):
         if wnid not in self.sizes:
             raise KeyError(wnid)
         if wnid not in self._members:
-            self._members[wnid] = self._db.members(wnid)
+            self._members[wnid] = self._db.catalog.rows_of_categories([wnid])
         return self._members[wnid]
 
     def __contains__(self, wnid: object) -> bool:

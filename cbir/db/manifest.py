@@ -17,7 +17,7 @@ from pathlib import Path
 from cbir.db.files import open_regular, write_atomic
 from cbir.errors import DatabaseError
 
-FORMAT_VERSION = 6  # 6: catalog keyed by matrix row; 5: 32 class probabilities per image;
+FORMAT_VERSION = 7  # 7: feature sums; 6: catalog keyed by matrix row; 5: 32 class probabilities;
 # 4: one search matrix, paths only in the catalog (older: rebuild)
 MANIFEST_NAME = "cbir-db.json"
 LINK_MODES = ("copy", "hardlink", "symlink")

@@ -56,7 +56,7 @@ from cbir.db.manifest import (
     read_manifest,
     write_manifest,
 )
-from cbir.db.matrix import MATRIX_FILES, MatrixAppender, write_matrix
+from cbir.db.matrix import MATRIX_FILES, MatrixAppender, SearchMatrix, write_matrix
 from cbir.errors import CbirError, DatabaseError, DatabaseLocked
 from cbir.hashing import image_id_of
 
@@ -403,13 +403,25 @@ class Writer:
         """Commit to the catalog (the commit point), then tidy what removals left behind and
         update the manifest."""
         n_before = self.n_images()
-        done = self.catalog.commit(images, paths, forget, matrix_rows)
+        done = self.catalog.commit(images, paths, forget, matrix_rows, self.features_of)
         self._n_images = n_before + done.added - done.dropped
         self._pending_removals.update(done.dropped_from)
         if self._pending_removals:
             self._drop_uncommitted_rows(sorted(self._pending_removals))
             self._pending_removals.clear()
         self._write_manifest()
+
+    def features_of(self, rows: npt.NDArray[np.int64]) -> npt.NDArray[np.float32]:
+        """(r, d) stored features of matrix rows, committed or appended since (a commit's
+        feature sums)."""
+        generation, committed = self.catalog.matrix_state()
+        n_rows = committed if self._appender is None else self._appender.next_row
+        matrix = SearchMatrix(self.db_dir / MATRIX_FILES.name(generation),
+                              self.settings.feature_dim, n_rows)  # fmt: skip
+        try:
+            return matrix.gather(rows)
+        finally:
+            matrix.close()
 
     def _write_manifest(self) -> None:
         self.db.manifest.n_images = self.n_images()

@@ -1,0 +1,92 @@
+"""Centring: queries and rows compared after subtracting the database's mean feature.
+
+Features of a library's photos share a common direction (a database of fashion photos: "a
+fashion photo"), which plain cosines count as similarity. Subtracting the mean first is what
+won in docs/quality.md: evaldata among 70,000 Fashion-MNIST distractors, exhaustive mAP 0.231
+-> 0.511 (0.590 with query expansion); +0.04 on evaldata alone. The mean and the category
+centroids come from the catalog's feature sums, which every commit keeps (cbir.db.catalog),
+so they stay right as images are added and removed, with no rebuild.
+
+For a stored row x (unit-norm) and the mean m, the centred cosine to a centred, unit-norm
+query c is (c.x - c.m) / |x - m|, with |x - m|^2 = 1 - 2 x.m + |m|^2: two inner products per
+row on the stored float16 values (cbir.ranking), no centred copy of the matrix. Pure numpy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from cbir.features import normalise
+
+MIN_IMAGES = 3  # below this the mean is (nearly) every row itself: nothing to subtract
+
+
+@dataclass(frozen=True)
+class Centre:
+    """The mean m (d,) of a database's n stored features, and its category centroids."""
+
+    mean: npt.NDArray[np.float32]
+    n_images: int
+    wnids: tuple[str, ...]  # the categories with images, in the order of `centroids`
+    centroids: npt.NDArray[np.float32]  # (c, d): each category's mean minus m, unit-norm
+
+    @classmethod
+    def from_sums(
+        cls, sums: dict[str, npt.NDArray[np.float64]], sizes: dict[str, int], n_images: int
+    ) -> Centre | None:
+        """From the catalog's feature sums ('' -> every image) and category sizes; None for
+        a database too small to centre."""
+        total = sums.get("")
+        if total is None or n_images < MIN_IMAGES:
+            return None
+        mean = total / n_images
+        wnids = tuple(sorted(w for w in sizes if w in sums and sizes[w] > 0))
+        if wnids:
+            means = np.stack([sums[w] / sizes[w] for w in wnids])
+            centroids = normalise(means - mean)
+        else:
+            centroids = np.zeros((0, len(mean)), np.float32)
+        return cls(mean.astype(np.float32), n_images, wnids, centroids)
+
+    def query(self, feature: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        """A unit-norm query feature (d,) centred and made unit-norm again."""
+        return normalise(np.asarray(feature, np.float32) - self.mean)
+
+    def category_order(self, centred_query: npt.NDArray[np.float32]) -> list[str]:
+        """The categories by the cosine of their centred centroid to the centred query, best
+        first: where a query's neighbours are (evaldata among 70k: 86 % of the exhaustive
+        top-10 in 2.2 % of the rows, against 70 % in 9.2 % by class probability)."""
+        order = np.argsort(-(self.centroids @ centred_query), kind="stable")
+        return [self.wnids[i] for i in order]
+
+
+def centred_scores(
+    query_dots: npt.NDArray[np.float32],
+    mean_dots: npt.NDArray[np.float32],
+    centred_query: npt.NDArray[np.float32],
+    mean: npt.NDArray[np.float32],
+) -> npt.NDArray[np.float32]:
+    """Centred cosines (r,) of rows x from c.x (r,) and m.x (r,) (see the module docstring)."""
+    mean = np.asarray(mean, np.float64)
+    offset = float(centred_query.astype(np.float64) @ mean)
+    squared = 1.0 - 2.0 * mean_dots.astype(np.float64) + float(mean @ mean)
+    return ((query_dots - offset) / np.sqrt(np.maximum(squared, 1e-12))).astype(np.float32)
+
+
+def sums_by_category(
+    features: npt.NDArray[np.float64], memberships: Sequence[tuple[str, ...]]
+) -> dict[str, npt.NDArray[np.float64]]:
+    """wnid -> (d,) sum of the rows of `features` (n, d) stored in it ('' -> of all n)."""
+    pairs = sorted((w, i) for i, ws in enumerate(memberships) for w in ws)
+    sums = {"": features.sum(axis=0)} if len(features) else {}
+    if pairs:
+        wnids = [w for w, _ in pairs]
+        order = np.array([i for _, i in pairs], np.int64)
+        starts = [0] + [j for j in range(1, len(wnids)) if wnids[j] != wnids[j - 1]]
+        reduced = np.add.reduceat(features[order], starts, axis=0)
+        sums.update(zip((wnids[j] for j in starts), reduced, strict=True))
+    return sums
