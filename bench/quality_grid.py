@@ -24,7 +24,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -44,7 +44,6 @@ from cbir.evaluate import (  # noqa: E402
     labels_from_folders,
 )
 from cbir.features import apply_whitening, learn_whitening  # noqa: E402
-from cbir.search import choose_categories  # noqa: E402
 
 SHARED = REPO.parent / "shared"
 BACKBONE = "efficientnet_lite0"
@@ -144,15 +143,13 @@ def make_corpus(
 
 def mass_rule(corpus: Corpus, mass: float, min_candidates: int) -> ChooseCategories:
     """The query's most probable categories until they hold `mass` of its probability (at
-    least one), widened by probability like choose_categories to `min_candidates` images."""
-    wnids = categories.wnids()
+    least one), widened by probability like probability_rule to `min_candidates` images."""
 
-    def choose(q: int, available: Mapping[str, np.ndarray]) -> Sequence[str]:
+    def top_k(q: int) -> int:
         probs = corpus.query_probs[q]
-        k = int(np.searchsorted(np.cumsum(np.sort(probs)[::-1]), mass) + 1)
-        return choose_categories(probs, wnids, available, k, min_candidates).wnids
+        return int(np.searchsorted(np.cumsum(np.sort(probs)[::-1]), mass) + 1)
 
-    return choose
+    return probability_rule(corpus, top_k, min_candidates)
 
 
 def centroid_rule(corpus: Corpus, min_candidates: int) -> ChooseCategories:
@@ -187,9 +184,12 @@ def centroid_rule(corpus: Corpus, min_candidates: int) -> ChooseCategories:
     return choose
 
 
-def distinct_rule(corpus: Corpus, top_k: int, min_candidates: int) -> ChooseCategories:
-    """choose_categories, but counting each image once: an image stored in several of the
-    chosen categories is one candidate, not up to top_k (what "min_candidates images" means)."""
+def probability_rule(
+    corpus: Corpus, top_k: int | Callable[[int], int], min_candidates: int
+) -> ChooseCategories:
+    """The gate of cbir before centring: the query's top-k categories by class probability,
+    widened by probability until they hold `min_candidates` images, each image counted once
+    (top_k: a number, or one per query number)."""
     wnids = categories.wnids()
     rows_of: dict[str, list[int]] = {}
     for r, member in enumerate(corpus.memberships):
@@ -199,13 +199,14 @@ def distinct_rule(corpus: Corpus, top_k: int, min_candidates: int) -> ChooseCate
 
     def choose(q: int, available: Mapping[str, np.ndarray]) -> Sequence[str]:
         own_row = int(corpus.queries[q])
+        k = top_k(q) if callable(top_k) else top_k
         seen = np.zeros(len(corpus.labels), bool)
         chosen: list[str] = []
         for rank, i in enumerate(np.argsort(-corpus.query_probs[q])):
             wnid = wnids[i]
             if wnid not in available:
                 continue
-            if rank >= top_k and chosen and np.count_nonzero(seen) >= min_candidates:
+            if rank >= k and chosen and np.count_nonzero(seen) >= min_candidates:
                 break
             chosen.append(wnid)
             seen[members[wnid]] = True
@@ -240,10 +241,10 @@ def feature_grid(name: str, described: Described, labels: list[str | None]) -> l
                 continue  # as many axes as the data has: the same as no reduction
             for qe in EXPANSIONS:
                 settings = SearchSettings(
-                    top_k=4, min_candidates=0, query_expansion=qe, pca=pca, pca_dim=dim,
-                    whiten_power=power,
+                    centre=False, top_k=4, min_candidates=0, query_expansion=qe, pca=pca,
+                    pca_dim=dim, whiten_power=power,
                 )  # fmt: skip
-                ev = evaluate_corpus(corpus, settings)
+                ev = evaluate_corpus(corpus, settings, probability_rule(corpus, 4, 0))
                 results.append(row(name, ev, pooling=pooling, projection=projection, qe=qe))
     return results
 
@@ -255,21 +256,22 @@ def gating_grid(name: str, described: Described, labels: list[str | None]) -> li
     n = len(labels)
     shares = (0, n // 10, n // 4, n // 2)
     results = []
-    settings = SearchSettings()
+    settings = SearchSettings(centre=False)
     for k in range(1, 11):
         corpus = make_corpus(described, labels, "gap", k)
         for m in shares:
-            ev = evaluate_corpus(corpus, replace(settings, top_k=k, min_candidates=m))
+            ev = evaluate_corpus(corpus, replace(settings, top_k=k, min_candidates=m),
+                                 probability_rule(corpus, k, m))  # fmt: skip
             results.append(row(name, ev, rule=f"top-{k}", min_candidates=m))
         if k in (1, 4):
             for m in shares[1:]:
                 ev = evaluate_corpus(corpus, settings, centroid_rule(corpus, m))
                 results.append(row(name, ev, rule=f"centroids, top-{k} storage", min_candidates=m))
         if k == 4:
-            ev = evaluate_corpus(corpus, settings)
+            ev = evaluate_corpus(corpus, settings, probability_rule(corpus, 4, 1000))
             results.append(row(name, ev, rule="default: top-4", min_candidates=1000))
             for m in (*shares[1:], 1000):
-                ev = evaluate_corpus(corpus, settings, distinct_rule(corpus, 4, m))
+                ev = evaluate_corpus(corpus, settings, probability_rule(corpus, 4, m))
                 results.append(row(name, ev, rule="distinct, top-4", min_candidates=m))
             for mass in (0.8, 0.9, 0.95, 0.99):
                 ev = evaluate_corpus(corpus, replace(settings, min_candidates=0),
@@ -286,17 +288,17 @@ def large_grid(name: str, corpora: dict[int, Corpus], features: str) -> list[dic
     ] + [(1, "top-1", 1000), (10, "top-10", 1000), (1, "centroids", 1000), (4, "centroids", 1000),
          (4, "centroids", 5000), (4, "mass 0.9", 1000), (4, "mass 0.95", 1000),
          (4, "distinct", 1000), (4, "distinct", 5000)]  # fmt: skip
-    chosen = SearchSettings(query_expansion=3 if features == FEATURES[1] else 0)
+    chosen = SearchSettings(centre=False, query_expansion=3 if features == FEATURES[1] else 0)
     for k, rule, m in plans:
         corpus = corpora[k]
         settings = replace(chosen, top_k=k, min_candidates=m)
-        choose = None
+        choose = probability_rule(corpus, k, m)
         if rule == "centroids":
             choose = centroid_rule(corpus, m)
         elif rule.startswith("mass"):
             choose = mass_rule(corpus, float(rule.split()[1]), m)
         elif rule == "distinct":
-            choose = distinct_rule(corpus, k, m)
+            choose = probability_rule(corpus, k, m)
         ev = evaluate_corpus(corpus, settings, choose)
         label = rule if rule.startswith("top") else f"{rule}, top-{k} storage"
         results.append(row(name, ev, rule=label, min_candidates=m, features=features))
@@ -435,10 +437,11 @@ def large_features(
             corpus = make_corpus(source, labels, pooling, 4)
             for qe in (0, 3):
                 features = f"{pooling}, {pca}, QE {qe}"
-                settings = SearchSettings(query_expansion=qe)
-                for rule, choose in (("top-4", None), ("centroids", centroid_rule(corpus, 1000))):
+                settings = SearchSettings(centre=False, query_expansion=qe)
+                for rule, choose in (("top-4", probability_rule(corpus, 4, 1000)),
+                                     ("centroids", centroid_rule(corpus, 1000))):  # fmt: skip
                     ev = evaluate_corpus(corpus, settings, choose)
-                    label = rule if choose is None else f"{rule}, top-4 storage"
+                    label = rule if rule == "top-4" else f"{rule}, top-4 storage"
                     results.append(row(name, ev, rule=label, min_candidates=1000,
                                        features=features))  # fmt: skip
                     print(f"{name} {features} {label}: {ev.exhaustive.map:.3f}", file=sys.stderr)
