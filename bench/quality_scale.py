@@ -1,8 +1,9 @@
 """Retrieval quality as the database grows: the defaults of `cbir query` (centred on the database
 mean, categories by centroid, min_candidates distinct images, query expansion 3) against the
 search before centring (plain cosines, the query's top-4 categories by class probability), with
-evaldata's 164 labelled photos among 0, 1,000, 10,000 and 70,000 Fashion-MNIST distractors, and
-the small labelled sets alone. The candidate budget (`--min-candidates`) is swept.
+evaldata's 164 labelled photos among 0, 1,000, 10,000 and 70,000 Fashion-MNIST distractors, the
+small labelled sets alone, and Fashion-MNIST's 70,000 queried among themselves. The candidate
+budget (`--min-candidates`) is swept.
 
 Ranking and gating are cbir.evaluate.evaluate_corpus (what `cbir evaluate` runs) on features
 described once by bench/quality_grid.py's cache:
@@ -50,9 +51,12 @@ def joined(a: Described, b: Described) -> Described:
                      np.concatenate([a.gap, b.gap]), np.concatenate([a.gem, b.gem]))  # fmt: skip
 
 
-def table(name: str, data: Described, labels: list[str | None]) -> str:
+def table(
+    name: str, data: Described, labels: list[str | None], queries: np.ndarray | None = None,
+    budgets: tuple[int, ...] = BUDGETS,
+) -> str:
     """One markdown table: before centring, then the default at each candidate budget."""
-    corpus = make_corpus(data, labels, "gap", 4)
+    corpus = make_corpus(data, labels, "gap", 4, queries)
     n = len(labels)
     lines = [f"\n### {name}: {n:,} images\n",
              "| search | budget | gated mAP | exhaustive mAP | % of exhaustive | P@10 | "
@@ -60,7 +64,7 @@ def table(name: str, data: Described, labels: list[str | None]) -> str:
     plain = SearchSettings(centre=False, min_candidates=1000)
     runs = [("before centring: top-4 by probability", 1000,
              evaluate_corpus(corpus, plain, probability_rule(corpus, 4, 1000)))]  # fmt: skip
-    for budget in BUDGETS:
+    for budget in budgets:
         if budget >= n and budget != 1000:
             continue
         started = time.perf_counter()
@@ -99,6 +103,9 @@ def main() -> None:
         rows = np.sort(rng.choice(len(fashion.paths), k, replace=False))
         data = joined(evaldata, subset(fashion, rows))
         print(table(f"evaldata + {k:,} Fashion-MNIST", data, labels + [None] * k), flush=True)
+    queries = np.arange(0, len(fashion.paths), 350)  # 200 queries, 20 per class
+    print(table("Fashion-MNIST 70,000 (200 queries)", fashion,
+                [fashion_labels[p] for p in fashion.paths], queries, (1000, 5000)), flush=True)
 
 
 if __name__ == "__main__":

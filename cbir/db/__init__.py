@@ -1,8 +1,9 @@
-"""The database on disk (format 4). Only this package writes it.
+"""The database on disk (format 7). Only this package writes it.
 
     DB_DIR/cbir-db.json          manifest: format, backbone, weights, settings (manifest.py)
-    DB_DIR/catalog.sqlite        images, their categories and matrix rows, source paths: the
-                                 commit point of every write (catalog.py)
+    DB_DIR/catalog.sqlite        images, their categories and matrix rows, source paths, the
+                                 feature sums (cbir.centring): the commit point of every write
+                                 (catalog.py)
     DB_DIR/matrix-<gen>.f16      every image's feature once, float16 rows (matrix.py)
     DB_DIR/<wnid>_<name>/        one folder per category: stored copies of its images and
         <stem>-<hash><ext>       features.<lo>-<hi>.npz segments (category_files.py)
