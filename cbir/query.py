@@ -322,6 +322,7 @@ def choose(
         order, how = own, "probability"
     else:
         order, how = centre.category_order(centre.query(feature)), "centroids"
+    members.read_ahead(order, options.min_candidates)
     chosen = choose_categories(order, members, options.min_candidates, members.sizes)
     return Gating(chosen, fell_back and bool(chosen), how)
 

@@ -40,15 +40,20 @@ def choose_categories(
     rows and lost 5 % of exhaustive mAP (Fashion-MNIST, docs/quality.md).
     """
     chosen: list[str] = []
-    seen = np.zeros(0, np.int64)
+    parts: list[npt.NDArray[np.int64]] = []
+    distinct = total = 0  # images in the chosen categories, counted once / once per category
     for wnid in order:
         if wnid not in members:
             continue
         if not chosen and sizes is not None and sizes.get(wnid, 0) >= min_candidates:
             return (wnid,)
         chosen.append(wnid)
-        seen = np.union1d(seen, members[wnid])
-        if len(seen) >= min_candidates:
+        parts.append(members[wnid])
+        total += len(parts[-1])
+        if total >= min_candidates:  # only then can the distinct ones be enough: count them
+            parts = [np.unique(np.concatenate(parts))]
+            distinct = total = len(parts[0])
+        if distinct >= min_candidates:
             break
     return tuple(chosen)
 

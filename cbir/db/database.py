@@ -7,7 +7,7 @@ category files count; anything else a writer is busy with is invisible to them.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from stat import S_ISREG
 
@@ -178,6 +178,20 @@ class CategoryMembers(Mapping[str, npt.NDArray[np.int64]]):
         if wnid not in self._members:
             self._members[wnid] = self._db.catalog.rows_of_categories([wnid])
         return self._members[wnid]
+
+    def read_ahead(self, order: Sequence[str], enough: int) -> None:
+        """Read, in one catalog query, the members of the first categories of `order` that
+        together hold `enough` images (counted once per category): what a gate walking
+        `order` needs at least."""
+        wanted, total = [], 0
+        for wnid in order:
+            if total >= enough:
+                break
+            if wnid in self.sizes:
+                total += self.sizes[wnid]
+                if wnid not in self._members:
+                    wanted.append(wnid)
+        self._members.update(self._db.catalog.rows_by_category(wanted))
 
     def __contains__(self, wnid: object) -> bool:
         return wnid in self.sizes
