@@ -619,7 +619,8 @@ def _print_table(result) -> None:  # noqa: ANN001
         more = f" and {len(searched) - 5} more" if len(searched) > 5 else ""
         print(f"  none of its predicted categories is in the database; searched the "
               f"{len(searched)} most probable ones it has: {listed}{more}")  # fmt: skip
-    where = {"gated": f"in {len(searched)} categories", "exact": "(every image)",
+    nearest = " nearest by centroid" if result.gating.order == "centroids" else ""
+    where = {"gated": f"in {len(searched)} categories{nearest}", "exact": "(every image)",
              "ivf": "(the nearest lists of the inverted file)"}[result.method]  # fmt: skip
     print(f"  searched {result.n_searched} images {where}")
     print(f"  {'rank':>4}  {'score':>6}  path")
