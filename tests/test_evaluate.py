@@ -208,6 +208,29 @@ def test_cli_evaluate_reads_groups_with_distractors(tmp_path, capsys, lite0):
     assert result["exhaustive"]["map"] > 0.9  # a greyscale or mirrored copy is found first
 
 
+@needs_shared
+def test_cli_evaluate_scores_a_labelled_set_among_distractors(tmp_path, capsys, lite0):
+    from cbir.cli import main
+
+    labelled = tmp_path / "labelled"
+    for stem, folder in (("chelsea", "animals"), ("rocket", "vehicles")):
+        (labelled / stem).mkdir(parents=True)
+        shutil.copy(TESTDATA / "photos" / folder / f"{stem}.jpg", labelled / stem)
+        for variant in ("grey", "hflip"):
+            shutil.copy(TESTDATA / "near_duplicates" / f"{stem}__{variant}.jpg", labelled / stem)
+    distractors = TESTDATA / "photos" / "landscapes"
+    n_distractors = len(list(distractors.glob("*.jpg")))
+    argv = ["evaluate", str(labelled), "--distractors", str(distractors),
+            "--model", "efficientnet_lite0", "--json"]  # fmt: skip
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (result["n_images"], result["n_queries"]) == (6 + n_distractors, 6)
+    assert result["exhaustive"]["map"] > 0.9  # the copies are still found first
+    assert result["exhaustive"]["rows_searched"] == 5 + n_distractors
+    assert main(argv + ["--db", str(tmp_path)]) == 1
+    assert "not with --db" in capsys.readouterr().err
+
+
 def test_cli_evaluate_needs_exactly_one_source(capsys):
     from cbir.cli import main
 
