@@ -617,8 +617,9 @@ def _print_table(result) -> None:  # noqa: ANN001
     if result.gating.fell_back:
         listed = ", ".join(names[w] for w in searched[:5])
         more = f" and {len(searched) - 5} more" if len(searched) > 5 else ""
+        closest = "nearest" if result.gating.order == "centroids" else "most probable"
         print(f"  none of its predicted categories is in the database; searched the "
-              f"{len(searched)} most probable ones it has: {listed}{more}")  # fmt: skip
+              f"{len(searched)} {closest} ones it has: {listed}{more}")  # fmt: skip
     nearest = " nearest by centroid" if result.gating.order == "centroids" else ""
     where = {"gated": f"in {len(searched)} categories{nearest}", "exact": "(every image)",
              "ivf": "(the nearest lists of the inverted file)"}[result.method]  # fmt: skip

@@ -117,6 +117,8 @@ def top_rows(
     from cbir.centring import centred_scores
     from cbir.search import best_of
 
+    if only is not None:
+        only = np.unique(only)  # a position listed twice would leave FAISS a -1 to return
     if mean is None:
         scores, positions = rows.top(query[None, :], k, only)
         found = positions[0] >= 0

@@ -122,3 +122,27 @@ def test_a_gated_query_ranks_centred_rows_of_the_categories_nearest_by_centroid(
     np.testing.assert_allclose([h.score for h in result.hits], scores, atol=1e-5)
     plain, _ = top_matches(query, features[gated], 10, 3)
     assert plain.tolist() != expected.tolist()  # centring changed the ranking
+
+
+def test_sums_a_repair_could_not_keep_are_dropped_then_restored_by_the_next_writer(tmp_path):
+    images = spread_over_categories(new_images(tmp_path / "src", 0, 30),
+                                    np.eye(4, DIM), seed=5)  # fmt: skip
+    db = tmp_path / "db"
+    with open_writer(db, SETTINGS) as writer:
+        writer.add_images(images)
+    with Database.open(db) as d:
+        assert d.centre() is not None
+        # check --repair drops an image while the matrix is not trusted, then is killed
+        d.catalog.drop_images([images[0].image_id], None)
+        assert d.centre() is None  # not centred on a wrong mean: not centred at all
+    assert any("no feature sums" in p for p in check_database(db))
+    with open_writer(db):
+        pass  # a writer sums them afresh on opening
+    assert_sums_exact(db)
+    with Database.open(db) as d:
+        assert d.centre() is not None and d.centre().n_images == 29
+    # the rest of that repair (category files, the manifest) is still to do; the sums are fine
+    assert not any("feature sums" in p for p in check_database(db))
+    check_database(db, repair=True)
+    assert check_database(db) == []
+    assert_sums_exact(db)

@@ -72,7 +72,8 @@ CREATE TABLE meta (             -- matrix_generation: the matrix file in use (it
     value INTEGER NOT NULL      -- ivf_generation: the IVF file in use (0: none); ivf_trained:
                                 -- images the database held when it was trained;
                                 -- recorded_rows: images of rows below it are in their
-                                -- category files (those above are written in batches)
+                                -- category files (those above are written in batches);
+                                -- sums_version: bumped when feature_sums is replaced
 ) WITHOUT ROWID;
 """
 # Reads the stored features of matrix rows: rows (r,) int64 -> (r, d) float32 (float16 values)
@@ -566,15 +567,30 @@ class Catalog:
 
     def drop_images(self, ids: Iterable[int], features_of: FeatureReader | None) -> Committed:
         """Forget images and their paths (check --repair: nothing is left to rebuild them).
-        Without `features_of` (the matrix is being rebuilt) the feature sums are left for
-        `set_feature_sums` to replace."""
+        Without `features_of` (the matrix is not to be trusted) the feature sums are deleted
+        in the same commit: until they are summed afresh, queries are not centred (rather
+        than centred on a wrong mean), and the next writer or check sums them again."""
         with self.transaction() as conn:
             ids = list(ids)
             conn.executemany("DELETE FROM paths WHERE image_id = ?", ((i,) for i in ids))
             dropped = _drop_unreferenced(conn, ids)
             if features_of is not None:
                 _add_to_sums(conn, dropped, features_of, -1)
+            elif dropped:
+                conn.execute("DELETE FROM feature_sums")
+                _bump_sums_version(conn)
             return Committed(0, len(dropped), {w for _, ws in dropped for w in ws})
+
+    def sums_version(self) -> int:
+        """Changes whenever the feature sums are replaced or deleted outside a commit's own
+        update (a reader's cache key, with the matrix state and the image count)."""
+        value = self._one("SELECT value FROM meta WHERE key = 'sums_version'")
+        return value if isinstance(value, int) else 0
+
+    def has_feature_sums(self) -> bool:
+        """Whether the sum of every image is there (a catalog rebuilt by check, or a repair
+        that dropped images, has none until they are summed afresh)."""
+        return self._one("SELECT 1 FROM feature_sums WHERE wnid = ''") is not None
 
     def feature_sums(self, dim: int) -> dict[str, npt.NDArray[np.float64]]:
         """wnid -> (d,) float64 sum of the stored features of its images; '' -> of every
@@ -598,6 +614,7 @@ class Catalog:
             conn.execute("DELETE FROM feature_sums")
             conn.executemany("INSERT INTO feature_sums VALUES (?, ?)",
                              ((w, np.asarray(v, "<f8").tobytes()) for w, v in sums.items()))
+            _bump_sums_version(conn)
 
     def rows_and_categories(self) -> Iterator[tuple[int, tuple[str, ...]]]:
         """(matrix row, categories) of every image in row order, streamed (check)."""
@@ -618,6 +635,11 @@ def _copy_rows_to_placements(conn: sqlite3.Connection) -> None:
     conn.execute("UPDATE placements SET row = -1 - row WHERE row >= 0")
     conn.execute("UPDATE OR REPLACE placements SET row = (SELECT i.row FROM images i "
                  "WHERE i.id = image_id) WHERE image_id IN (SELECT id FROM images)")
+
+
+def _bump_sums_version(conn: sqlite3.Connection) -> None:
+    conn.execute("INSERT INTO meta VALUES ('sums_version', 1) "
+                 "ON CONFLICT (key) DO UPDATE SET value = value + 1")
 
 
 def set_matrix_rows(conn: sqlite3.Connection, n: int) -> None:

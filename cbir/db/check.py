@@ -13,7 +13,6 @@ writes outside the database folder and never follows a link out of it.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import os
 import stat
 from collections.abc import Callable, Iterator
@@ -23,11 +22,9 @@ import numpy as np
 import numpy.typing as npt
 
 from cbir import categories
-from cbir.centring import sums_by_category
 from cbir.db import ivf
 from cbir.db.catalog import (
     CATALOG_NAME,
-    SUM_BLOCK,
     Catalog,
     ImageRecord,
     insert,
@@ -42,7 +39,14 @@ from cbir.db.database import Database
 from cbir.db.files import open_regular, tmp_name, write_atomic
 from cbir.db.manifest import read_manifest
 from cbir.db.matrix import MATRIX_FILES
-from cbir.db.writer import WRITING_NAME, Writer, _copy_new, _locked, open_writer
+from cbir.db.writer import (
+    WRITING_NAME,
+    Writer,
+    _copy_new,
+    _locked,
+    feature_sums_afresh,
+    open_writer,
+)
 from cbir.errors import DatabaseError
 from cbir.hashing import image_id_of, stream_sha256
 
@@ -194,29 +198,23 @@ class _Checker:
     def _check_feature_sums(self) -> None:
         """The catalog's feature sums equal sums made afresh from the matrix (one pass over
         it, a block of rows at a time)."""
+        catalog = self.db.catalog
         try:
-            stored = self.db.catalog.feature_sums(self.dim)
+            stored = catalog.feature_sums(self.dim) if catalog.has_feature_sums() else None
+            if stored is None and catalog.n_images() and not self.sums_stale:
+                self.say(f"{self.db.db_dir / CATALOG_NAME} has no feature sums (a repair "
+                         "was interrupted)", "summed afresh")  # fmt: skip
         except DatabaseError as exc:
             self.say(_first_part(exc), "summed afresh")
             stored = None
-        fresh: dict[str, npt.NDArray[np.float64]] = {}
-        matrix, block = self.db.matrix(), []
-        images = self.db.catalog.rows_and_categories()
-        while True:
-            block = list(itertools.islice(images, SUM_BLOCK))
-            if not block:
-                break
-            features = matrix.gather(np.array([r for r, _ in block], np.int64))
-            for wnid, part in sums_by_category(features.astype(np.float64),
-                                               [ws for _, ws in block]).items():  # fmt: skip
-                fresh[wnid] = fresh[wnid] + part if wnid in fresh else part
+        fresh = feature_sums_afresh(self.db)
         if stored is not None and _same_sums(stored, fresh):
             return
         if stored is not None and not self.sums_stale:
             self.say(f"{self.db.db_dir / CATALOG_NAME} has feature sums that disagree with the "
                      "search matrix", "summed afresh")  # fmt: skip
         if self.w is not None:
-            self.db.catalog.set_feature_sums(fresh)
+            catalog.set_feature_sums(fresh)
 
     def _check_ivf(self) -> None:
         """The inverted file in use is readable and lists every image."""

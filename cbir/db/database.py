@@ -34,7 +34,7 @@ class Database:
         self._catalog: Catalog | None = None
         self._matrix: SearchMatrix | None = None
         self._ivf: tuple[int, npt.NDArray[np.float32]] | None = None  # (generation, centroids)
-        self._centre: tuple[tuple[int, int, int], Centre | None] | None = None  # (state, centre)
+        self._centre: tuple[tuple[int, ...], Centre | None] | None = None  # (state, centre)
 
     @classmethod
     def open(cls, db_dir: Path) -> Database:
@@ -47,6 +47,7 @@ class Database:
         self.close()
 
     def close(self) -> None:
+        self._centre = None
         if self._matrix is not None:
             self._matrix.close()
             self._matrix = None
@@ -105,10 +106,11 @@ class Database:
         """The mean feature and category centroids of the committed images (cbir.centring),
         from the catalog's feature sums; None for a database too small to centre. Read again
         only after a commit (call inside the query's catalog snapshot)."""
-        state = (*self.catalog.matrix_state(), self.catalog.n_images())
+        catalog = self.catalog
+        state = (*catalog.matrix_state(), catalog.n_images(), catalog.sums_version())
         if self._centre is None or self._centre[0] != state:
-            sums = self.catalog.feature_sums(self.settings.feature_dim)
-            centre = Centre.from_sums(sums, self.catalog.category_sizes(), state[2])
+            sums = catalog.feature_sums(self.settings.feature_dim)
+            centre = Centre.from_sums(sums, catalog.category_sizes(), state[2])
             self._centre = state, centre
         return self._centre[1]
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import itertools
 import os
 import shutil
 from collections.abc import Callable, Iterable, Iterator
@@ -31,8 +32,16 @@ import numpy as np
 import numpy.typing as npt
 
 from cbir import categories
+from cbir.centring import sums_by_category
 from cbir.db import ivf
-from cbir.db.catalog import CATALOG_NAME, Catalog, ImageRecord, PathRecord, encode_classes
+from cbir.db.catalog import (
+    CATALOG_NAME,
+    SUM_BLOCK,
+    Catalog,
+    ImageRecord,
+    PathRecord,
+    encode_classes,
+)
 from cbir.db.category_files import (
     CategoryRows,
     merging_writer,
@@ -486,6 +495,20 @@ def _merged(recorded: str, new: str) -> str:
     return "+".join(parts if new in parts else [*parts, new])
 
 
+def feature_sums_afresh(db: Database) -> dict[str, npt.NDArray[np.float64]]:
+    """The feature sums of the committed images, from one pass over the matrix, a block of
+    rows at a time (check, and a writer that finds them missing after a repair)."""
+    fresh: dict[str, npt.NDArray[np.float64]] = {}
+    matrix = db.matrix()
+    images = db.catalog.rows_and_categories()
+    while block := list(itertools.islice(images, SUM_BLOCK)):
+        features = matrix.gather(np.array([r for r, _ in block], np.int64))
+        for wnid, part in sums_by_category(features.astype(np.float64),
+                                           [ws for _, ws in block]).items():  # fmt: skip
+            fresh[wnid] = fresh[wnid] + part if wnid in fresh else part
+    return fresh
+
+
 def _make_folder(folder: Path) -> None:
     try:
         folder.mkdir()
@@ -575,6 +598,8 @@ def open_writer(
                 return
             if marker.exists():
                 writer.repair()
+            if not writer.catalog.has_feature_sums() and writer.n_images():
+                writer.catalog.set_feature_sums(feature_sums_afresh(db))
             marker.touch()
             yield writer
             writer.record_categories()  # a run ends with its category files written
