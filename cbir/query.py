@@ -15,12 +15,13 @@ import numpy as np
 import numpy.typing as npt
 
 from cbir import categories
+from cbir.centring import centred
 from cbir.db import Database, check_compatible, ivf
 from cbir.db.catalog import ImageRecord
 from cbir.db.database import CategoryMembers
 from cbir.db.matrix import SCAN_BLOCK_ROWS, SearchMatrix
 from cbir.errors import BadImage, CbirError
-from cbir.features import expand_query, normalise
+from cbir.features import expand_query
 from cbir.hashing import image_id_of
 from cbir.images import DEFAULT_MAX_MEGAPIXELS, load_image
 from cbir.model import Descriptions, Model, get_backbone, load_model, resolve_weights
@@ -170,7 +171,7 @@ def search_described(
             gatings = [choose(db, p, f, members, options)
                        for p, f in zip(described.probs, features, strict=True)]  # fmt: skip
             pool = CandidatePool(db)
-            pool.gather([g.wnids for g in gatings])
+            pool.gather([g.wnids for g in gatings], members)
         return [search(db, path, described.probs[i], features[i],
                        members, options, pool, gatings[i], resident,
                        own_id if options.exclude_self else None)
@@ -280,9 +281,11 @@ class CandidatePool:
         self.rows = np.zeros(0, np.int64)  # the pool's rows, sorted
         self.index: Float16Rows | None = None
 
-    def gather(self, gatings: list[tuple[str, ...]]) -> None:
+    def gather(self, gatings: list[tuple[str, ...]], members: CategoryMembers) -> None:
+        """Gather the rows of every category in `gatings` (their rows from `members`, which
+        choosing the gatings has mostly read already)."""
         for wnid in sorted({w for wnids in gatings for w in wnids}):
-            self.by_wnid[wnid] = self.db.catalog.rows_of_categories([wnid])
+            self.by_wnid[wnid] = members[wnid]
         if not self.by_wnid:
             return
         self.rows = np.unique(np.concatenate(list(self.by_wnid.values())))
@@ -460,13 +463,11 @@ def exhaustive(
     as `cbir.ranking.rank` ranks (centred on `mean` when given; the first `expansion`
     results expand the query), in one or two passes over the search matrix."""
     matrix = db.matrix()
-    probe = query if mean is None else normalise(query - mean)
+    probe = centred(query, mean)
     first_rows = _live_top(db, probe, max(n, expansion), mean)
     if expansion > 0 and len(first_rows) > expansion:
         keep = first_rows[:expansion]
-        found = matrix.gather(keep)
-        expanded = expand_query(query, found) if mean is None else \
-            expand_query(probe, normalise(found - mean))
+        expanded = expand_query(probe, centred(matrix.gather(keep), mean))
         rows = _live_top(db, expanded, n + expansion, mean)
         kept = set(keep.tolist())
         rest = [r for r in rows.tolist() if r not in kept][: max(n - expansion, 0)]

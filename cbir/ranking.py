@@ -81,20 +81,17 @@ def rank(
     with them. With the database's `mean` (d,) rows and query are compared centred
     (cbir.centring), the expansion averaging centred rows. Scores are plain cosines to
     `query` either way (they do not move as the database's mean does)."""
-    from cbir.features import expand_query, normalise
+    from cbir.centring import centred
+    from cbir.features import expand_query
 
     searched = len(rows) if only is None else len(only)
     if searched == 0 or n <= 0:
         return np.zeros(0, np.int64), np.zeros(0, np.float32)
-    probe = query if mean is None else normalise(query - mean)
+    probe = centred(query, mean)
     scores, positions = top_rows(rows, probe, max(n, expansion), only, mean)
     if expansion > 0 and searched > expansion:
         top = positions[:expansion]
-        found = rows.rows(top)
-        if mean is None:
-            expanded = expand_query(query, found)
-        else:
-            expanded = expand_query(probe, normalise(found - mean))
+        expanded = expand_query(probe, centred(rows.rows(top), mean))
         _, again = top_rows(rows, expanded, n + expansion, only, mean)
         kept = set(top.tolist())
         rest = [p for p in again.tolist() if p not in kept]

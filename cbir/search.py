@@ -78,8 +78,7 @@ def top_matches(
     rows. Scores stay cosines to the query itself. `cbir evaluate` ranks with this function,
     `cbir query` with cbir.ranking.rank, which ranks the same way on float16 rows.
     """
-    from cbir.centring import centred_scores
-    from cbir.features import normalise
+    from cbir.centring import centred, centred_scores
 
     if len(features) == 0 or n <= 0:
         return np.zeros(0, np.int64), np.zeros(0, np.float32)
@@ -90,14 +89,14 @@ def top_matches(
         dots = features @ probe.astype(np.float32)
         return dots if mean is None else centred_scores(dots, mean_dots, probe, mean)
 
-    probe = query if mean is None else normalise(query - mean)
+    probe = centred(query, mean)
     scores = similarity(probe)
     if expansion <= 0 or len(scores) <= expansion:
         best = best_of(scores, n)
         return best, features[best] @ query.astype(np.float32)
     top = best_of(scores, expansion)
-    found = features[top] if mean is None else normalise(features[top] - mean)
-    expanded_scores = similarity(expand_query(probe, found, scores[top], alpha))
+    expanded_scores = similarity(expand_query(probe, centred(features[top], mean), scores[top],
+                                              alpha))  # fmt: skip
     expanded_scores[top] = 3.0 + scores[top]  # above any cosine, in their first order
     best = best_of(expanded_scores, n)
     return best, features[best] @ query.astype(np.float32)

@@ -75,12 +75,17 @@ def test_feature_sums_equal_a_recomputation_through_adds_removes_and_compaction(
     assert check_database(db) == []
 
 
-def test_check_finds_tampered_feature_sums_and_repair_sums_them_afresh(tmp_path):
-    images = spread_over_categories(new_images(tmp_path / "src", 0, 40),
-                                    np.eye(4, DIM), seed=2)  # fmt: skip
+def database_of(tmp_path: Path, n: int, seed: int) -> tuple[Path, list]:
+    """A database of n synthetic images spread over the four categories."""
+    images = spread_over_categories(new_images(tmp_path / "src", 0, n), np.eye(4, DIM), seed)
     db = tmp_path / "db"
     with open_writer(db, SETTINGS) as writer:
         writer.add_images(images)
+    return db, images
+
+
+def test_check_finds_tampered_feature_sums_and_repair_sums_them_afresh(tmp_path):
+    db, _ = database_of(tmp_path, 40, seed=2)
     with sqlite3.connect(db / CATALOG_NAME) as conn:
         conn.execute("UPDATE feature_sums SET sum = ? WHERE wnid = ?",
                      (np.ones(DIM).tobytes(), CATEGORIES[1]))  # fmt: skip
@@ -125,11 +130,7 @@ def test_a_gated_query_ranks_centred_rows_of_the_categories_nearest_by_centroid(
 
 
 def test_sums_a_repair_could_not_keep_are_dropped_then_restored_by_the_next_writer(tmp_path):
-    images = spread_over_categories(new_images(tmp_path / "src", 0, 30),
-                                    np.eye(4, DIM), seed=5)  # fmt: skip
-    db = tmp_path / "db"
-    with open_writer(db, SETTINGS) as writer:
-        writer.add_images(images)
+    db, images = database_of(tmp_path, 30, seed=5)
     with Database.open(db) as d:
         assert d.centre() is not None
         # check --repair drops an image while the matrix is not trusted, then is killed

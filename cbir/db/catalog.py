@@ -11,6 +11,7 @@ checked before it is used as a file name or category (the file is untrusted).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import re
 import sqlite3
@@ -73,7 +74,7 @@ CREATE TABLE meta (             -- matrix_generation: the matrix file in use (it
                                 -- images the database held when it was trained;
                                 -- recorded_rows: images of rows below it are in their
                                 -- category files (those above are written in batches);
-                                -- sums_version: bumped when feature_sums is replaced
+                                -- sums_version: bumped whenever feature_sums changes
 ) WITHOUT ROWID;
 """
 # Reads the stored features of matrix rows: rows (r,) int64 -> (r, d) float32 (float16 values)
@@ -265,6 +266,7 @@ class Catalog:
                 conn.execute("DELETE FROM placements WHERE wnid = ?", (wnid,))
                 conn.execute("DELETE FROM category_sizes WHERE wnid = ?", (wnid,))
                 conn.execute("DELETE FROM feature_sums WHERE wnid = ?", (wnid,))
+            _bump_sums_version(conn)
 
     def recorded_rows(self) -> int:
         """Images whose matrix row is below this are in their category files."""
@@ -582,8 +584,8 @@ class Catalog:
             return Committed(0, len(dropped), {w for _, ws in dropped for w in ws})
 
     def sums_version(self) -> int:
-        """Changes whenever the feature sums are replaced or deleted outside a commit's own
-        update (a reader's cache key, with the matrix state and the image count)."""
+        """Changes whenever the feature sums do (every commit that adds or drops images, a
+        repair): what a reader's cache of the centre is keyed by."""
         value = self._one("SELECT value FROM meta WHERE key = 'sums_version'")
         return value if isinstance(value, int) else 0
 
@@ -738,7 +740,22 @@ def _drop_unreferenced(
     return dropped
 
 
-SUM_BLOCK = 4096  # rows whose features are read at once to update the feature sums
+SUM_BLOCK = 4096  # rows whose features are read at once to sum them
+
+
+def sum_features(
+    images: Iterable[tuple[int, tuple[str, ...]]], features_of: FeatureReader
+) -> dict[str, npt.NDArray[np.float64]]:
+    """wnid -> (d,) float64 sum of the stored features of images (row, categories), '' ->
+    of all of them; read SUM_BLOCK rows at a time (a commit's, or a whole database's)."""
+    sums: dict[str, npt.NDArray[np.float64]] = {}
+    images = iter(images)
+    while block := list(itertools.islice(images, SUM_BLOCK)):
+        features = features_of(np.array([row for row, _ in block], np.int64))
+        for wnid, part in sums_by_category(features.astype(np.float64),
+                                           [ws for _, ws in block]).items():  # fmt: skip
+            sums[wnid] = sums[wnid] + part if wnid in sums else part
+    return sums
 
 
 def _add_to_sums(
@@ -749,14 +766,9 @@ def _add_to_sums(
 ) -> None:
     """Add (sign +1) or subtract (-1) the stored features of images (row, categories) to
     the sums of their categories and of the whole database."""
-    if not images:
+    deltas = sum_features(images, features_of)
+    if not deltas:
         return
-    deltas: dict[str, npt.NDArray[np.float64]] = {}
-    for start in range(0, len(images), SUM_BLOCK):
-        block = images[start : start + SUM_BLOCK]
-        features = features_of(np.array([row for row, _ in block], np.int64)).astype(np.float64)
-        for wnid, delta in sums_by_category(features, [ws for _, ws in block]).items():
-            deltas[wnid] = deltas[wnid] + delta if wnid in deltas else delta
     keys = sorted(deltas)
     old = {}
     for start in range(0, len(keys), _IN_CHUNK):
@@ -771,6 +783,7 @@ def _add_to_sums(
             else np.zeros(dim)
         updated.append((wnid, (base + sign * deltas[wnid]).astype("<f8").tobytes()))
     conn.executemany("INSERT OR REPLACE INTO feature_sums VALUES (?, ?)", updated)
+    _bump_sums_version(conn)
     if sign < 0:  # categories left empty keep no sum
         conn.execute("DELETE FROM feature_sums WHERE wnid != '' AND wnid NOT IN "
                      "(SELECT wnid FROM category_sizes)")

@@ -23,12 +23,7 @@ import numpy.typing as npt
 
 from cbir import categories
 from cbir.db import ivf
-from cbir.db.catalog import (
-    CATALOG_NAME,
-    Catalog,
-    ImageRecord,
-    insert,
-)
+from cbir.db.catalog import CATALOG_NAME, Catalog, ImageRecord, insert
 from cbir.db.category_files import (
     CategoryRows,
     next_segment_number,

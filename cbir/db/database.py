@@ -34,7 +34,7 @@ class Database:
         self._catalog: Catalog | None = None
         self._matrix: SearchMatrix | None = None
         self._ivf: tuple[int, npt.NDArray[np.float32]] | None = None  # (generation, centroids)
-        self._centre: tuple[tuple[int, ...], Centre | None] | None = None  # (state, centre)
+        self._centre: tuple[int, Centre | None] | None = None  # (sums version, centre)
 
     @classmethod
     def open(cls, db_dir: Path) -> Database:
@@ -105,13 +105,13 @@ class Database:
     def centre(self) -> Centre | None:
         """The mean feature and category centroids of the committed images (cbir.centring),
         from the catalog's feature sums; None for a database too small to centre. Read again
-        only after a commit (call inside the query's catalog snapshot)."""
+        only when the sums have changed (call inside the query's catalog snapshot)."""
         catalog = self.catalog
-        state = (*catalog.matrix_state(), catalog.n_images(), catalog.sums_version())
-        if self._centre is None or self._centre[0] != state:
+        version = catalog.sums_version()
+        if self._centre is None or self._centre[0] != version:
             sums = catalog.feature_sums(self.settings.feature_dim)
-            centre = Centre.from_sums(sums, catalog.category_sizes(), state[2])
-            self._centre = state, centre
+            centre = Centre.from_sums(sums, catalog.category_sizes(), catalog.n_images())
+            self._centre = version, centre
         return self._centre[1]
 
     def category_dir(self, wnid: str) -> Path:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import itertools
 import os
 import shutil
 from collections.abc import Callable, Iterable, Iterator
@@ -32,15 +31,14 @@ import numpy as np
 import numpy.typing as npt
 
 from cbir import categories
-from cbir.centring import sums_by_category
 from cbir.db import ivf
 from cbir.db.catalog import (
     CATALOG_NAME,
-    SUM_BLOCK,
     Catalog,
     ImageRecord,
     PathRecord,
     encode_classes,
+    sum_features,
 )
 from cbir.db.category_files import (
     CategoryRows,
@@ -498,15 +496,7 @@ def _merged(recorded: str, new: str) -> str:
 def feature_sums_afresh(db: Database) -> dict[str, npt.NDArray[np.float64]]:
     """The feature sums of the committed images, from one pass over the matrix, a block of
     rows at a time (check, and a writer that finds them missing after a repair)."""
-    fresh: dict[str, npt.NDArray[np.float64]] = {}
-    matrix = db.matrix()
-    images = db.catalog.rows_and_categories()
-    while block := list(itertools.islice(images, SUM_BLOCK)):
-        features = matrix.gather(np.array([r for r, _ in block], np.int64))
-        for wnid, part in sums_by_category(features.astype(np.float64),
-                                           [ws for _, ws in block]).items():  # fmt: skip
-            fresh[wnid] = fresh[wnid] + part if wnid in fresh else part
-    return fresh
+    return sum_features(db.catalog.rows_and_categories(), db.matrix().gather)
 
 
 def _make_folder(folder: Path) -> None:
