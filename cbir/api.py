@@ -291,6 +291,7 @@ class ImageDatabase:
         db, s = self._db, self._db.settings
         with self._lock, db.catalog.snapshot():
             counts = {"images": db.n_images(), "paths": db.n_paths()}
+            head = db.head_provenance()
             cats = self.categories()
         return {
             "db": str(db.db_dir), "backbone": s.backbone, "weights": s.weights,
@@ -298,6 +299,7 @@ class ImageDatabase:
             "link": s.link, "engine": s.engine, "precision": s.precision, "resize": s.resize,
             "format_version": FORMAT_VERSION, "created": db.manifest.created,
             "updated": db.manifest.updated, **counts, "disk_bytes": db.disk_bytes(),
+            "query_head": head,
             "categories": [{"id": c.id, "name": c.name, "images": c.images} for c in cats],
         }  # fmt: skip
 

@@ -320,6 +320,25 @@ def build_parser() -> argparse.ArgumentParser:
     engine_options(p)
     p.set_defaults(handler=cmd_evaluate)
 
+    p = commands.add_parser(
+        "train",
+        help="learn from labelled images how queries should rank (--reset: forget it)",
+        description="Learn a query head from labelled images (one sub-folder per class, or "
+        "--groups FILE) and store it in the database: query, serve and evaluate --db use it. "
+        "Images the database holds bring their stored features; others are described with "
+        "the database's model. Stored features are never changed.",
+    )
+    p.add_argument("db_dir", type=Path)
+    p.add_argument("labelled_dir", type=Path, nargs="?", help="one sub-folder of images per class")
+    p.add_argument("--groups", type=Path, metavar="FILE", help="CSV of path,group rows instead")
+    p.add_argument("--reset", action="store_true", help="remove the head: plain queries again")
+    p.add_argument("--epochs", type=int, help="passes over the images (default: about 1000 "
+                   "steps of 128, at most 30 passes)")  # fmt: skip
+    p.add_argument("--weights", help="weights FILE of a database built with one")
+    engine_options(p)
+    writer_options(p)
+    p.set_defaults(handler=cmd_train)
+
     p = commands.add_parser("info", help="describe a database")
     p.add_argument("db_dir", type=Path)
     p.add_argument("--json", action="store_true")
@@ -391,6 +410,7 @@ EXAMPLES = {
     "check": "cbir check pictures.db --repair",
     "query": "cbir query pictures.db cat.jpg -n 5 --min-score 0.3 --plot cat-results.png",
     "evaluate": "cbir evaluate ../shared/evaldata --model efficientnet_lite0",
+    "train": "cbir train pictures.db ~/Pictures/labelled   # one sub-folder per class",
     "info": "cbir info pictures.db --json",
     "ls": "cbir ls pictures.db Egyptian_cat",
     "duplicates": "cbir duplicates pictures.db --threshold 0.9 --json",
@@ -643,11 +663,64 @@ def cmd_info(args: argparse.Namespace) -> int:
                 "format_version", "created", "updated", "images", "paths"):  # fmt: skip
         print(f"{key:>14}: {info[key]}")
     print(f"{'disk':>14}: {info['disk_bytes'] / 1e6:.1f} MB")
+    head = info["query_head"]
+    print(f"{'query head':>14}: " + ("none (cbir train learns one)" if head is None else
+          f"trained on {head.get('images')} images of {head.get('classes')} classes from "
+          f"{head.get('source')} at {head.get('trained_at')}"))  # fmt: skip
     print(f"{'categories':>14}: {len(sizes)}")
     for c in sizes[:20]:
         print(f"{c['images']:>14}  {c['id']} {c['name']}")
     if len(sizes) > 20:
         print(f"{'':>14}  ... {len(sizes) - 20} more (--json lists all)")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from cbir import evaluate, training
+    from cbir.db import read_manifest
+
+    read_manifest(args.db_dir)  # training needs an existing database
+    if args.reset:
+        if args.labelled_dir is not None or args.groups is not None:
+            raise CbirError("--reset takes no labelled images")
+        had = training.reset(args.db_dir, wait=args.wait, on_wait=_say)
+        print(f"{shown(args.db_dir)}: " + ("query head removed: queries are plain again" if had
+              else "has no query head: nothing to reset"), file=sys.stderr)  # fmt: skip
+        return 0
+    if (args.labelled_dir is None) == (args.groups is None):
+        raise CbirError("give either a labelled folder or --groups FILE (or --reset)")
+    if args.epochs is not None and not 1 <= args.epochs <= 1000:
+        raise CbirError("--epochs must be between 1 and 1000")
+    source = args.groups if args.groups is not None else args.labelled_dir
+    labels = (evaluate.labels_from_csv(args.groups) if args.groups is not None
+              else evaluate.labels_from_folders(args.labelled_dir))  # fmt: skip
+    options = training.TrainOptions(epochs=args.epochs, weights=args.weights,
+                                    engine=args.engine, precision=args.precision)  # fmt: skip
+    bar = None
+
+    def on_epoch(epoch: int, epochs: int, loss: float) -> None:
+        nonlocal bar
+        if bar is None:
+            from tqdm import tqdm
+
+            bar = tqdm(total=epochs, unit="epoch", disable=not sys.stderr.isatty(),
+                       file=sys.stderr, desc="training")  # fmt: skip
+        bar.set_postfix(loss=f"{loss:.3f}")
+        bar.update()
+
+    try:
+        report = training.train(args.db_dir, labels, str(source), options, on_epoch,
+                                wait=args.wait, on_wait=_say)  # fmt: skip
+    finally:
+        if bar is not None:
+            bar.close()
+    for bad in report.bad:
+        print(f"cbir: skipped {shown(bad.path)}: {bad.reason}", file=sys.stderr)
+    print(f"trained a query head on {report.n_images} images of {report.n_classes} classes "
+          f"({report.from_database} from the database, {report.described} described) in "
+          f"{report.epochs} epochs, {report.seconds:.0f} s: loss {report.loss[0]:.3f} -> "
+          f"{report.loss[-1]:.3f}. Queries of {shown(args.db_dir)} use it now; "
+          f"'cbir train {shown(args.db_dir)} --reset' removes it.")  # fmt: skip
     return 0
 
 
@@ -824,11 +897,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     ev = report.evaluation
     if args.json:
         data = {"backbone": report.backbone, "pooling": report.pooling,
-                "not_indexed": report.not_indexed, **ev.to_json()}  # fmt: skip
+                "not_indexed": report.not_indexed, "query_head": report.head,
+                **ev.to_json()}  # fmt: skip
         print(json.dumps(data))
         return 0
     s = ev.settings
     extras = "" if s.centre else ", no centring"
+    if report.head is not None:
+        extras += f", query head trained on {report.head.get('images', '?')} images"
     extras += f", query expansion {s.query_expansion}" if s.query_expansion else ""
     if s.pca:
         extras += f", PCA to {s.pca_dim or 'all'} axes, whitening power {s.whiten_power}"

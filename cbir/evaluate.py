@@ -30,7 +30,7 @@ import numpy as np
 import numpy.typing as npt
 
 from cbir import categories
-from cbir.centring import MIN_IMAGES, sums_by_category
+from cbir.centring import MIN_IMAGES, directed, sums_by_category
 from cbir.errors import BadImage, CbirError
 from cbir.features import apply_whitening, learn_whitening, normalise
 from cbir.search import (
@@ -188,10 +188,12 @@ class _Tally:
 
 
 def evaluate_corpus(
-    corpus: Corpus, settings: SearchSettings, choose: ChooseCategories | None = None
+    corpus: Corpus, settings: SearchSettings, choose: ChooseCategories | None = None,
+    head: npt.NDArray[np.float32] | None = None,
 ) -> Evaluation:
     """Run every query gated and exhaustively, ranked as `cbir query` ranks a database (plus
-    the optional PCA and query expansion of the settings).
+    the optional PCA and query expansion of the settings; with a database's query `head`
+    (d, d) from `cbir train`, which maps centred queries).
 
     As if the query were not in the database, its own row is left out of everything: of the
     ranking, of the category sizes that gating counts, and of the mean and category
@@ -208,6 +210,8 @@ def evaluate_corpus(
         query_features = apply_whitening(whitening, query_features)
     centring = _Centring(corpus, features) if settings.centre and not settings.pca \
         and n > MIN_IMAGES else None  # fmt: skip
+    if centring is None:
+        head = None  # a head is learned on centred features
     wnids = categories.wnids()
     rows_of: dict[str, list[int]] = {}
     for row, member in enumerate(corpus.memberships):
@@ -229,12 +233,12 @@ def evaluate_corpus(
         query = query_features[i]
         mean, mean_dots, order = None, None, None
         if centring is not None:
-            mean, mean_dots, order = centring.without(int(row), query)
+            mean, mean_dots, order = centring.without(int(row), query, head)
         else:
             order = [wnids[j] for j in np.argsort(-corpus.query_probs[i])]
         everything = np.ones(n, bool)
         everything[row] = False
-        exhaustive.add(_rank(query, features, everything, settings, mean, mean_dots),
+        exhaustive.add(_rank(query, features, everything, settings, mean, mean_dots, head),
                        relevant, n - 1)  # fmt: skip
         available = dict(members)  # as if the query were not in the database
         for wnid in set(corpus.memberships[row]) - {""}:
@@ -247,7 +251,7 @@ def evaluate_corpus(
         for wnid in chosen:
             searched[members[wnid]] = True
         searched[row] = False
-        gated.add(_rank(query, features, searched, settings, mean, mean_dots), relevant,
+        gated.add(_rank(query, features, searched, settings, mean, mean_dots, head), relevant,
                   int(searched.sum()))  # fmt: skip
     if not gated.ap:
         raise CbirError("no query has a relevant image: every label needs at least two images")
@@ -275,9 +279,10 @@ class _Centring:
         self.total_dots = features @ self.total.astype(np.float32)  # (n,) x . sum
 
     def without(
-        self, row: int, query: npt.NDArray[np.float32]
+        self, row: int, query: npt.NDArray[np.float32], head: npt.NDArray[np.float32] | None
     ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], list[str]]:
-        """(mean (d,), features @ mean (n,), categories by centroid) with `row` left out."""
+        """(mean (d,), features @ mean (n,), categories by centroid) with `row` left out;
+        the centroids are compared with the centred query mapped by `head`, if given."""
         n = len(self.features)
         own_feature = self.features[row].astype(np.float64)
         mean = (self.total - own_feature) / (n - 1)
@@ -290,7 +295,7 @@ class _Centring:
                 kept.append(wnid)
                 means.append((self.sums[wnid] - own_feature * (wnid in own)) / size)
         centroids = normalise(np.array(means) - mean) if kept else np.zeros((0, len(mean)))
-        centred_query = normalise(query - mean.astype(np.float32))
+        centred_query = directed(normalise(query - mean.astype(np.float32)), head)
         order = np.argsort(-(centroids @ centred_query), kind="stable")
         return mean.astype(np.float32), mean_dots.astype(np.float32), [kept[j] for j in order]
 
@@ -302,12 +307,13 @@ def _rank(
     settings: SearchSettings,
     mean: npt.NDArray[np.float32] | None = None,
     mean_dots: npt.NDArray[np.float32] | None = None,
+    head: npt.NDArray[np.float32] | None = None,
 ) -> npt.NDArray[np.int64]:
     """All searched rows (mask (n,)), best first, ranked exactly as `cbir query` ranks them."""
     rows = np.flatnonzero(searched)
     order, _ = top_matches(
         query, features[rows], len(rows), settings.query_expansion, settings.qe_alpha,
-        mean, None if mean_dots is None else mean_dots[rows],
+        mean, None if mean_dots is None else mean_dots[rows], head,
     )  # fmt: skip
     return rows[order]
 
@@ -375,6 +381,7 @@ class RunReport:
     backbone: str
     pooling: str
     not_indexed: int  # labelled files not in the database (unreadable, or missing from --db)
+    head: dict | None = None  # provenance of the database's query head (cbir train), if used
 
 
 def run_evaluation(
@@ -443,6 +450,8 @@ def _evaluate_db(db_dir: Path, labels: dict[str, str | None], options: RunOption
     search = options.search
     if search.top_k != db.settings.top_k:
         search = SearchSettings(**{**asdict(search), "top_k": db.settings.top_k})
-    evaluation = evaluate_corpus(corpus, search)
+    head = db.query_head() if search.centre else None
+    evaluation = evaluate_corpus(corpus, search, head=head)
     not_indexed = sum(1 for p in labels if p not in indexed)
-    return RunReport(evaluation, db.settings.backbone, db.settings.pooling, not_indexed)
+    return RunReport(evaluation, db.settings.backbone, db.settings.pooling, not_indexed,
+                     None if head is None else db.head_provenance())  # fmt: skip

@@ -15,7 +15,7 @@ import numpy as np
 import numpy.typing as npt
 
 from cbir import categories
-from cbir.centring import centred
+from cbir.centring import centred, directed
 from cbir.db import Database, check_compatible, ivf
 from cbir.db.catalog import ImageRecord
 from cbir.db.database import CategoryMembers
@@ -258,12 +258,12 @@ class ResidentMatrix:
 
     def rank(
         self, rows: npt.NDArray[np.int64], query: npt.NDArray[np.float32], options: QueryOptions,
-        mean: npt.NDArray[np.float32] | None,
+        mean: npt.NDArray[np.float32] | None, head: npt.NDArray[np.float32] | None,
     ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
         """(rows, scores) of the best of the candidate rows (sorted), best first."""
         everything = len(rows) == len(self.rows)
         return rank(self.rows, query, options.n_results, options.query_expansion,
-                    None if everything else rows, mean)  # fmt: skip
+                    None if everything else rows, mean, head)  # fmt: skip
 
 
 class CandidatePool:
@@ -297,7 +297,7 @@ class CandidatePool:
 
     def rank(
         self, wnids: tuple[str, ...], query: npt.NDArray[np.float32], options: QueryOptions,
-        mean: npt.NDArray[np.float32] | None,
+        mean: npt.NDArray[np.float32] | None, head: npt.NDArray[np.float32] | None,
     ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32], int] | None:
         """(rows, scores, rows searched) among the rows of `wnids`; None if not pooled."""
         if self.index is None or any(w not in self.by_wnid for w in wnids):
@@ -306,7 +306,7 @@ class CandidatePool:
         positions = np.searchsorted(self.rows, rows)
         everything = len(positions) == len(self.rows)
         best, scores = rank(self.index, query, options.n_results, options.query_expansion,
-                            None if everything else positions, mean)  # fmt: skip
+                            None if everything else positions, mean, head)  # fmt: skip
         return self.rows[best], scores, len(rows)
 
 
@@ -315,8 +315,8 @@ def choose(
     members: CategoryMembers, options: QueryOptions,
 ) -> Gating:
     """The categories a gated query with class probabilities `probs` (1000,) and feature
-    (d,) searches: by centred centroid cosine (cbir.centring), or by probability in a
-    database too small to centre."""
+    (d,) searches: by centred centroid cosine (cbir.centring; the centred query mapped by the
+    database's query head, if trained), or by probability in a database too small to centre."""
     wnids = categories.wnids()
     own = [wnids[i] for i in np.argsort(-probs)]
     fell_back = not any(w in members for w in own[: db.settings.top_k])
@@ -324,7 +324,8 @@ def choose(
     if centre is None:
         order, how = own, "probability"
     else:
-        order, how = centre.category_order(centre.query(feature)), "centroids"
+        probe = directed(centre.query(feature), db.query_head())
+        order, how = centre.category_order(probe), "centroids"
     members.read_ahead(order, options.min_candidates)
     chosen = choose_categories(order, members, options.min_candidates, members.sizes)
     return Gating(chosen, fell_back and bool(chosen), how)
@@ -346,8 +347,8 @@ def search(
     `pool`: candidates gathered for a batch of queries (see CandidatePool), with `gating`,
     the categories already chosen for this query; `resident`: the matrix in memory, up to
     date (a server's); `exclude_id`: an image left out of the results (the query itself).
-    Rows and query are compared centred on the database's mean (cbir.centring). Hits below
-    options.min_score are left out."""
+    Rows and query are compared centred on the database's mean, the centred query mapped by
+    its query head if trained (cbir.centring). Hits below options.min_score are left out."""
     wanted = options.n_results
     if exclude_id is not None:
         options = replace(options, n_results=wanted + 1)
@@ -357,6 +358,7 @@ def search(
     own = tuple(Category(wnids[j], names[wnids[j]], float(probs[j])) for j in top)
     centre = db.centre()
     mean = None if centre is None else centre.mean
+    head = None if centre is None else db.query_head()  # learned on centred features
     method = "gated"
     if options.search_all:
         gating = Gating(tuple(sorted(members)), fell_back=False, order="all")
@@ -367,32 +369,32 @@ def search(
             lists = ivf.nearest_lists(centroids, feature[None, :], nprobe)[0]
             rows = db.catalog.rows_of_lists(lists.tolist())
             if resident is not None:
-                best, scores = resident.rank(rows, feature, options, mean)
+                best, scores = resident.rank(rows, feature, options, mean, head)
             else:
-                best, scores = rank_candidates(db, rows, feature, options, mean)
+                best, scores = rank_candidates(db, rows, feature, options, mean, head)
             n_searched = len(rows)
         elif resident is not None:
             method = "exact"
-            best, scores = resident.rank(resident.live_rows(db), feature, options, mean)
+            best, scores = resident.rank(resident.live_rows(db), feature, options, mean, head)
             n_searched = db.n_images()
         else:
             method = "exact"
             best, scores = exhaustive(db, feature, options.n_results, options.query_expansion,
-                                      mean)  # fmt: skip
+                                      mean, head)  # fmt: skip
             n_searched = db.n_images()
     else:
         gating = gating or choose(db, probs, feature, members, options)
-        pooled = pool.rank(gating.wnids, feature, options, mean) if pool is not None else None
+        pooled = None if pool is None else pool.rank(gating.wnids, feature, options, mean, head)
         if resident is not None:
             rows = resident.category_rows(db, gating.wnids)
-            best, scores = resident.rank(rows, feature, options, mean)
+            best, scores = resident.rank(rows, feature, options, mean, head)
             n_searched = len(rows)
         elif pooled is not None:
             best, scores, n_searched = pooled
         else:
             rows = np.unique(np.concatenate([np.zeros(0, np.int64),
                                              *(members[w] for w in gating.wnids)]))  # fmt: skip
-            best, scores = rank_candidates(db, rows, feature, options, mean)
+            best, scores = rank_candidates(db, rows, feature, options, mean, head)
             n_searched = len(rows)
     found = [h for h in hits_at_rows(db, best, scores)
              if h.id != exclude_id and h.score >= options.min_score]  # fmt: skip
@@ -402,13 +404,14 @@ def search(
 def rank_candidates(
     db: Database, rows: npt.NDArray[np.int64], query: npt.NDArray[np.float32],
     options: QueryOptions, mean: npt.NDArray[np.float32] | None,
+    head: npt.NDArray[np.float32] | None = None,
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
     """(rows, cosine scores) of the best of the candidate matrix rows (r,), best first,
-    compared centred on `mean` when given."""
+    compared centred on `mean` when given (the probes mapped by `head`)."""
     candidates = _scratch_rows(db.settings.feature_dim, len(rows))
     db.matrix().gather_codes(rows, candidates.buffer(len(rows)))
     best, scores = rank(candidates, query, options.n_results, options.query_expansion,
-                        mean=mean)  # fmt: skip
+                        mean=mean, head=head)  # fmt: skip
     return rows[best], scores
 
 
@@ -457,17 +460,17 @@ def _hits(
 
 def exhaustive(
     db: Database, query: npt.NDArray[np.float32], n: int, expansion: int,
-    mean: npt.NDArray[np.float32] | None = None,
+    mean: npt.NDArray[np.float32] | None = None, head: npt.NDArray[np.float32] | None = None,
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
     """(rows, cosine scores) of the n best images of the whole database, best first, ranked
-    as `cbir.ranking.rank` ranks (centred on `mean` when given; the first `expansion`
-    results expand the query), in one or two passes over the search matrix."""
+    as `cbir.ranking.rank` ranks (centred on `mean` when given, the probes mapped by `head`;
+    the first `expansion` results expand the query), in one or two passes over the matrix."""
     matrix = db.matrix()
     probe = centred(query, mean)
-    first_rows = _live_top(db, probe, max(n, expansion), mean)
+    first_rows = _live_top(db, directed(probe, head), max(n, expansion), mean)
     if expansion > 0 and len(first_rows) > expansion:
         keep = first_rows[:expansion]
-        expanded = expand_query(probe, centred(matrix.gather(keep), mean))
+        expanded = directed(expand_query(probe, centred(matrix.gather(keep), mean)), head)
         rows = _live_top(db, expanded, n + expansion, mean)
         kept = set(keep.tolist())
         rest = [r for r in rows.tolist() if r not in kept][: max(n - expansion, 0)]

@@ -74,24 +74,26 @@ def rank(
     expansion: int,
     only: npt.NDArray[np.int64] | None = None,
     mean: npt.NDArray[np.float32] | None = None,
+    head: npt.NDArray[np.float32] | None = None,
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
     """Positions and cosine scores of the n rows (among the positions `only`, or all) most
     similar to `query` (d,), best first, ranked as `cbir.search.top_matches` ranks: with
     `expansion` m > 0 the best m keep their places and the rest follow the query averaged
     with them. With the database's `mean` (d,) rows and query are compared centred
-    (cbir.centring), the expansion averaging centred rows. Scores are plain cosines to
-    `query` either way (they do not move as the database's mean does)."""
-    from cbir.centring import centred
+    (cbir.centring), the expansion averaging centred rows; its query `head` (d, d) maps the
+    centred probes. Scores are plain cosines to `query` either way (they do not move as the
+    database's mean does)."""
+    from cbir.centring import centred, directed
     from cbir.features import expand_query
 
     searched = len(rows) if only is None else len(only)
     if searched == 0 or n <= 0:
         return np.zeros(0, np.int64), np.zeros(0, np.float32)
     probe = centred(query, mean)
-    scores, positions = top_rows(rows, probe, max(n, expansion), only, mean)
+    scores, positions = top_rows(rows, directed(probe, head), max(n, expansion), only, mean)
     if expansion > 0 and searched > expansion:
         top = positions[:expansion]
-        expanded = expand_query(probe, centred(rows.rows(top), mean))
+        expanded = directed(expand_query(probe, centred(rows.rows(top), mean)), head)
         _, again = top_rows(rows, expanded, n + expansion, only, mean)
         kept = set(top.tolist())
         rest = [p for p in again.tolist() if p not in kept]

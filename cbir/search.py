@@ -66,6 +66,7 @@ def top_matches(
     alpha: float = 0.0,
     mean: npt.NDArray[np.float32] | None = None,
     mean_dots: npt.NDArray[np.float32] | None = None,
+    head: npt.NDArray[np.float32] | None = None,
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
     """Indices and cosine scores of the n rows most similar to `query`, best first.
 
@@ -75,10 +76,11 @@ def top_matches(
     averaged with those m (`cbir.features.expand_query`; alpha weighs them by score**alpha).
     With the database's `mean` (d,), rows and query are compared centred (cbir.centring;
     `mean_dots` (r,): features @ mean, if already known) and the expansion averages centred
-    rows. Scores stay cosines to the query itself. `cbir evaluate` ranks with this function,
+    rows; a query `head` (d, d) (cbir train) maps each centred probe before it is compared.
+    Scores stay cosines to the query itself. `cbir evaluate` ranks with this function,
     `cbir query` with cbir.ranking.rank, which ranks the same way on float16 rows.
     """
-    from cbir.centring import centred, centred_scores
+    from cbir.centring import centred, centred_scores, directed
 
     if len(features) == 0 or n <= 0:
         return np.zeros(0, np.int64), np.zeros(0, np.float32)
@@ -86,6 +88,7 @@ def top_matches(
         mean_dots = features @ mean
 
     def similarity(probe: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        probe = directed(probe, head)
         dots = features @ probe.astype(np.float32)
         return dots if mean is None else centred_scores(dots, mean_dots, probe, mean)
 

@@ -71,6 +71,22 @@ def test_centred_ranking_equals_cosines_of_centred_rows():
     assert plain.tolist() != got.tolist()  # centring changes the order here
 
 
+def test_a_query_head_maps_the_centred_query_and_only_the_query():
+    rng = np.random.default_rng(8)
+    features = unit((rng.standard_normal((200, 16)) + 0.5).tolist())
+    mean = features.mean(axis=0)
+    head = (np.eye(16) + 0.5 * rng.standard_normal((16, 16))).astype(np.float32)
+    query = unit([(features[3] + 0.2 * rng.standard_normal(16)).tolist()])[0]
+    got, scores = top_matches(query, features, 20, 0, mean=mean, head=head)
+    probe = unit([head @ unit([(query - mean).tolist()])[0]])[0]  # the definition
+    expected = np.argsort(-(unit((features - mean).tolist()) @ probe), kind="stable")[:20]
+    assert got.tolist() == expected.tolist()
+    np.testing.assert_allclose(scores, features[got] @ query, atol=1e-6)  # plain cosines
+    assert got.tolist() != top_matches(query, features, 20, 0, mean=mean)[0].tolist()
+    identity = top_matches(query, features, 20, 3, mean=mean, head=np.eye(16, dtype=np.float32))
+    assert identity[0].tolist() == top_matches(query, features, 20, 3, mean=mean)[0].tolist()
+
+
 def test_ranking_float16_rows_with_faiss_agrees_with_top_matches():
     from cbir.ranking import Float16Rows, rank
 
@@ -81,13 +97,14 @@ def test_ranking_float16_rows_with_faiss_agrees_with_top_matches():
     index.buffer(len(rows))[:] = rows.view(np.uint8)
     mean = rows.astype(np.float32).mean(axis=0) + 0.05
     only = np.arange(0, 500, 3)
-    for expansion, centre in itertools.product((0, 3), (None, mean)):
-        got, scores = rank(index, query, 10, expansion, mean=centre)
+    head = (np.eye(32) + 0.3 * rng.standard_normal((32, 32))).astype(np.float32)
+    for expansion, centre, h in itertools.product((0, 3), (None, mean), (None, head)):
+        got, scores = rank(index, query, 10, expansion, mean=centre, head=h)
         expected, expected_scores = top_matches(query, rows.astype(np.float32), 10, expansion,
-                                                mean=centre)  # fmt: skip
+                                                mean=centre, head=h)  # fmt: skip
         assert got.tolist() == expected.tolist()
         np.testing.assert_allclose(scores, expected_scores, atol=1e-5)
-        got, _ = rank(index, query, 10, expansion, only, centre)
+        got, _ = rank(index, query, 10, expansion, only, centre, h)
         expected, _ = top_matches(query, rows[only].astype(np.float32), 10, expansion,
-                                  mean=centre)  # fmt: skip
+                                  mean=centre, head=h)  # fmt: skip
         assert got.tolist() == only[expected].tolist()

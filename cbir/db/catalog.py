@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import os
 import re
 import sqlite3
@@ -68,13 +69,19 @@ CREATE TABLE paths (            -- source files; path is os.fsencode(str path)
     mtime_ns INTEGER NOT NULL
 ) WITHOUT ROWID;
 CREATE INDEX paths_by_image ON paths (image_id);
+CREATE TABLE query_head (       -- the head `cbir train` learned (cbir.centring): one row or
+    id INTEGER PRIMARY KEY CHECK (id = 1),  -- none; catalogs made before it have no table
+    matrix BLOB NOT NULL,        -- (d, d) float32 little-endian, row-major
+    provenance TEXT NOT NULL     -- JSON object: what it was trained on, how, when, its loss
+);
 CREATE TABLE meta (             -- matrix_generation: the matrix file in use (it is named
     key TEXT PRIMARY KEY,       -- after it); matrix_rows: how many of its rows are committed;
     value INTEGER NOT NULL      -- ivf_generation: the IVF file in use (0: none); ivf_trained:
                                 -- images the database held when it was trained;
                                 -- recorded_rows: images of rows below it are in their
                                 -- category files (those above are written in batches);
-                                -- sums_version: bumped whenever feature_sums changes
+                                -- sums_version: bumped whenever feature_sums changes;
+                                -- head_version: whenever query_head does
 ) WITHOUT ROWID;
 """
 # Reads the stored features of matrix rows: rows (r,) int64 -> (r, d) float32 (float16 values)
@@ -617,6 +624,48 @@ class Catalog:
             conn.executemany("INSERT INTO feature_sums VALUES (?, ?)",
                              ((w, np.asarray(v, "<f8").tobytes()) for w, v in sums.items()))
             _bump_sums_version(conn)
+
+    # -- the query head (cbir train) -----------------------------------------------------------
+
+    def head_version(self) -> int:
+        """Changes whenever the query head is set or removed: a reader's cache key."""
+        value = self._one("SELECT value FROM meta WHERE key = 'head_version'")
+        return value if isinstance(value, int) else 0
+
+    def query_head(self, dim: int) -> tuple[npt.NDArray[np.float32], dict] | None:
+        """(matrix (d, d) float32, provenance) of the trained query head, or None. Anything
+        but d * d finite numbers and a JSON object is damage (check --repair removes it)."""
+        if self._one("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'query_head'") \
+                is None:  # fmt: skip
+            return None  # a catalog from before cbir train
+        found = self._rows("SELECT matrix, provenance FROM query_head WHERE id = 1")
+        if not found:
+            return None
+        blob, text = found[0]
+        problem = "invalid query head; run 'cbir check --repair', then 'cbir train' again"
+        if not isinstance(blob, bytes) or len(blob) != 4 * dim * dim or not isinstance(text, str):
+            raise damaged(self.path, problem)
+        matrix = np.frombuffer(blob, "<f4").astype(np.float32).reshape(dim, dim)
+        try:
+            provenance = json.loads(text)
+        except ValueError:
+            provenance = None
+        if not isinstance(provenance, dict) or not np.isfinite(matrix).all():
+            raise damaged(self.path, problem)
+        return matrix, provenance
+
+    def set_query_head(self, matrix: npt.NDArray[np.float32] | None, provenance: dict) -> None:
+        """Store the query head (d, d) with its provenance, replacing any; None removes it."""
+        with self.transaction() as conn:
+            conn.execute("CREATE TABLE IF NOT EXISTS query_head (id INTEGER PRIMARY KEY "
+                         "CHECK (id = 1), matrix BLOB NOT NULL, provenance TEXT NOT NULL)")
+            conn.execute("DELETE FROM query_head")
+            if matrix is not None:
+                conn.execute("INSERT INTO query_head VALUES (1, ?, ?)",
+                             (np.ascontiguousarray(matrix, "<f4").tobytes(),
+                              json.dumps(provenance, sort_keys=True)))  # fmt: skip
+            conn.execute("INSERT INTO meta VALUES ('head_version', 1) "
+                         "ON CONFLICT (key) DO UPDATE SET value = value + 1")
 
     def rows_and_categories(self) -> Iterator[tuple[int, tuple[str, ...]]]:
         """(matrix row, categories) of every image in row order, streamed (check)."""

@@ -140,6 +140,7 @@ class _Checker:
             self.quiet = False
         if matrix_ok:
             self._check_feature_sums()
+        self._check_query_head()
         n = db.catalog.n_images()
         if db.manifest.n_images != n:
             self.say(f"manifest counts {db.manifest.n_images} images, the catalog {n}",
@@ -210,6 +211,16 @@ class _Checker:
                      "search matrix", "summed afresh")  # fmt: skip
         if self.w is not None:
             catalog.set_feature_sums(fresh)
+
+    def _check_query_head(self) -> None:
+        """A stored query head is d x d finite numbers with a provenance; anything else is
+        removed (queries are then plain centred ones until 'cbir train' runs again)."""
+        try:
+            self.db.catalog.query_head(self.dim)
+        except DatabaseError as exc:
+            self.say(_first_part(exc), "removed: run 'cbir train' again")
+            if self.w is not None:
+                self.w.set_query_head(None, {})
 
     def _check_ivf(self) -> None:
         """The inverted file in use is readable and lists every image."""

@@ -35,6 +35,7 @@ class Database:
         self._matrix: SearchMatrix | None = None
         self._ivf: tuple[int, npt.NDArray[np.float32]] | None = None  # (generation, centroids)
         self._centre: tuple[int, Centre | None] | None = None  # (sums version, centre)
+        self._head: tuple[int, npt.NDArray[np.float32] | None] | None = None  # (version, head)
 
     @classmethod
     def open(cls, db_dir: Path) -> Database:
@@ -47,7 +48,7 @@ class Database:
         self.close()
 
     def close(self) -> None:
-        self._centre = None
+        self._centre = self._head = None
         if self._matrix is not None:
             self._matrix.close()
             self._matrix = None
@@ -113,6 +114,20 @@ class Database:
             centre = Centre.from_sums(sums, catalog.category_sizes(), catalog.n_images())
             self._centre = version, centre
         return self._centre[1]
+
+    def query_head(self) -> npt.NDArray[np.float32] | None:
+        """The query head (d, d) `cbir train` learned (cbir.centring), or None. Read again
+        only when it has changed (call inside the query's catalog snapshot)."""
+        version = self.catalog.head_version()
+        if self._head is None or self._head[0] != version:
+            found = self.catalog.query_head(self.settings.feature_dim)
+            self._head = version, None if found is None else found[0]
+        return self._head[1]
+
+    def head_provenance(self) -> dict | None:
+        """What the query head was trained on, how and when; None without one."""
+        found = self.catalog.query_head(self.settings.feature_dim)
+        return None if found is None else found[1]
 
     def category_dir(self, wnid: str) -> Path:
         if not categories.is_wnid(wnid):

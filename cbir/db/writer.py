@@ -133,6 +133,18 @@ class Writer:
             self._n_images = self.catalog.n_images()
         return self._n_images
 
+    # -- the query head (cbir train) ---------------------------------------------------------
+
+    def set_query_head(self, matrix: npt.NDArray[np.float32] | None, provenance: dict) -> None:
+        """Store a trained query head (d, d) with its provenance in one commit, replacing
+        any; None removes it (cbir train --reset). Stored rows are not touched."""
+        d = self.settings.feature_dim
+        if matrix is not None:
+            matrix = np.asarray(matrix, np.float32)
+            if matrix.shape != (d, d) or not np.isfinite(matrix).all():
+                raise ValueError(f"a query head must be {d} x {d} finite numbers")
+        self.catalog.set_query_head(matrix, provenance)
+
     # -- adding -----------------------------------------------------------------------------
 
     def record_engine(self, engine: str, precision: str) -> None:

@@ -1,0 +1,163 @@
+"""cbir train: a query head learned from labels is stored in the database, used by every query
+path and by evaluate --db, checked by check, and --reset gives back exactly the results from
+before. Real Keras training throughout; the last tests use real photos and the real model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cbir import training
+from cbir.cli import main
+from cbir.db import CATALOG_NAME, Database, check_database, open_writer
+from cbir.db.database import CategoryMembers
+from cbir.query import QueryOptions, search
+from cbir.search import top_matches
+from tests.conftest import TESTDATA, needs_shared
+from tests.test_centring import SETTINGS, spread_over_categories
+from tests.test_store import DIM, new_images
+
+
+def clustered_database(tmp_path: Path) -> tuple[Path, list, np.ndarray]:
+    """400 synthetic images near four centres that share one direction (categories follow
+    the centres), and the centres."""
+    rng = np.random.default_rng(11)
+    centres = 2.0 * rng.standard_normal(DIM) + rng.standard_normal((4, DIM))
+    images = spread_over_categories(new_images(tmp_path / "src", 0, 400), centres, seed=12)
+    db = tmp_path / "db"
+    with open_writer(db, SETTINGS) as writer:
+        writer.add_images(images)
+    return db, images, centres
+
+
+def gated_query(db: Path, query: np.ndarray) -> list[tuple[int, float]]:
+    with Database.open(db) as d:
+        result = search(d, Path("q.jpg"), np.zeros(1000, np.float32), query, CategoryMembers(d),
+                        QueryOptions(n_results=15, min_candidates=150))  # fmt: skip
+    return [(h.id, h.score) for h in result.hits]
+
+
+def test_train_stores_a_head_that_queries_use_and_reset_restores_the_exact_results(tmp_path):
+    db, images, centres = clustered_database(tmp_path)
+    rng = np.random.default_rng(13)
+    queries = [centres[c] + 0.6 * rng.standard_normal(DIM) for c in range(4)]
+    queries = [(q / np.linalg.norm(q)).astype(np.float32) for q in queries]
+    before = [gated_query(db, q) for q in queries]
+    # Labels that cut across the clusters: the head has something to learn
+    labels = {str(img.source_path): f"group{int(img.feature[0] > 0)}" for img in images[:300]}
+
+    report = training.train(db, labels, "synthetic", training.TrainOptions(epochs=8))
+
+    assert report.n_images == 300 and report.n_classes == 2
+    assert report.from_database == 300 and report.described == 0  # stored features, no model
+    assert report.loss[-1] < report.loss[0]
+    with Database.open(db) as d:
+        head = d.query_head()
+        assert head is not None and head.shape == (DIM, DIM)
+        provenance = d.head_provenance()
+        assert provenance["images"] == 300 and provenance["source"] == "synthetic"
+        centre = d.centre()
+        ids, rows = d.catalog.all_rows()
+        features = d.matrix().gather(rows)
+        members = CategoryMembers(d)
+        result = search(d, Path("q.jpg"), np.zeros(1000, np.float32), queries[0], members,
+                        QueryOptions(n_results=15, min_candidates=150))  # fmt: skip
+        gated = np.isin(rows, np.unique(np.concatenate([members[w]
+                                                        for w in result.gating.wnids])))
+        expected, scores = top_matches(queries[0], features[gated], 15, 3, mean=centre.mean,
+                                       head=head)  # fmt: skip
+    assert [h.id for h in result.hits] == ids[gated][expected].tolist()
+    np.testing.assert_allclose([h.score for h in result.hits], scores, atol=1e-5)
+    after = [gated_query(db, q) for q in queries]
+    assert after != before  # the head changed what queries return
+
+    assert training.reset(db) is True
+    assert [gated_query(db, q) for q in queries] == before  # exactly: ids and scores
+    assert training.reset(db) is False
+
+
+def test_check_removes_a_tampered_query_head_and_a_catalog_without_one_still_queries(tmp_path):
+    db, _, centres = clustered_database(tmp_path)
+    query = (centres[1] / np.linalg.norm(centres[1])).astype(np.float32)
+    plain = gated_query(db, query)
+    with open_writer(db) as writer:
+        writer.set_query_head(np.eye(DIM, dtype=np.float32) * 2, {"source": "test"})
+    assert check_database(db) == []
+    assert gated_query(db, query) == plain  # a scaled identity maps no direction
+    with sqlite3.connect(db / CATALOG_NAME) as conn:
+        conn.execute("UPDATE query_head SET matrix = ?",
+                     (np.full(DIM * DIM, np.nan, "<f4").tobytes(),))  # fmt: skip
+    with Database.open(db) as d, pytest.raises(Exception, match="invalid query head"):
+        d.query_head()
+    problems = check_database(db, repair=True)
+    assert any("invalid query head" in p and "cbir train" in p for p in problems)
+    assert check_database(db) == []
+    assert gated_query(db, query) == plain
+    with sqlite3.connect(db / CATALOG_NAME) as conn:
+        conn.execute("DROP TABLE query_head")  # a catalog made before cbir train
+    assert gated_query(db, query) == plain and check_database(db) == []
+
+
+def test_cli_train_refuses_what_it_cannot_learn_from(tmp_path, capsys):
+    db, images, _ = clustered_database(tmp_path)
+    assert main(["train", str(db)]) == 1
+    assert "labelled folder or --groups" in capsys.readouterr().err
+    one_class = tmp_path / "one"
+    (one_class / "cats").mkdir(parents=True)
+    for img in images[:3]:
+        shutil.copy(img.source_path, one_class / "cats" / f"{img.source_path.stem}.jpg")
+    assert main(["train", str(db), str(one_class)]) == 1
+    err = capsys.readouterr().err
+    assert "at least 2 classes" in err and len(err.strip().splitlines()) == 1
+    assert main(["train", str(db), str(one_class), "--reset"]) == 1
+    assert "--reset takes no labelled images" in capsys.readouterr().err
+    assert main(["train", str(tmp_path / "nowhere"), "--reset"]) == 1
+
+
+def evaluate_json(db: Path, labelled: Path, capsys) -> dict:
+    assert main(["evaluate", str(labelled), "--db", str(db), "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+@needs_shared
+def test_cli_train_on_real_photos_describes_what_the_database_lacks(tmp_path, capsys, lite0):
+    indexed = tmp_path / "indexed"  # four of the seven folders of photos
+    for folder in ("animals", "food", "plants", "vehicles"):
+        shutil.copytree(TESTDATA / "photos" / folder, indexed / folder)
+    db = tmp_path / "db"
+    assert main(["create-db", str(indexed), str(db), "--model", "efficientnet_lite0"]) == 0
+    labelled = tmp_path / "labelled"  # all seven, and a file that is no image
+    shutil.copytree(TESTDATA / "photos", labelled)
+    shutil.copy(TESTDATA / "bad" / "truncated.jpg", labelled / "food" / "truncated.jpg")
+    query = sorted((indexed / "animals").iterdir())[0]
+    capsys.readouterr()
+    assert main(["query", str(db), str(query), "--json"]) == 0
+    plain_query = capsys.readouterr().out
+    plain = evaluate_json(db, indexed, capsys)
+    assert plain["query_head"] is None
+
+    assert main(["train", str(db), str(labelled)]) == 0
+    out, err = capsys.readouterr()
+    n_indexed = sum(1 for _ in indexed.rglob("*.jpg"))
+    n_photos = sum(1 for _ in (TESTDATA / "photos").rglob("*.jpg"))
+    assert f"on {n_photos} images of 7 classes" in out
+    assert f"({n_indexed} from the database, {n_photos - n_indexed} described)" in out
+    assert "truncated.jpg" in err
+    trained = evaluate_json(db, indexed, capsys)
+    assert trained["query_head"]["images"] == n_photos
+    # trained on these very labels: they must rank better than before
+    assert trained["exhaustive"]["map"] > plain["exhaustive"]["map"] + 0.02
+    assert main(["info", str(db), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["query_head"]["classes"] == 7
+
+    assert main(["train", str(db), "--reset"]) == 0
+    capsys.readouterr()
+    assert main(["query", str(db), str(query), "--json"]) == 0
+    assert capsys.readouterr().out == plain_query
+    again = evaluate_json(db, indexed, capsys)
+    assert again == plain
