@@ -47,6 +47,9 @@ from cbir.query import (
     search_like,
 )
 from cbir.search import DEFAULT_MIN_CANDIDATES, DEFAULT_QUERY_EXPANSION
+from cbir.training import TrainOptions, TrainReport
+from cbir.training import reset as _reset_training
+from cbir.training import train as _train
 
 __all__ = ["ImageDatabase", "Hit", "QueryResult", "IndexReport", "Removal", "create_db",
            "open_db", "result_json"]  # fmt: skip
@@ -283,6 +286,26 @@ class ImageDatabase:
     def sync(self) -> Removal:
         """Forget source paths that no longer exist."""
         return _sync(self.db_dir)
+
+    def train(
+        self, labelled: str | os.PathLike | None = None, groups: str | os.PathLike | None = None,
+        epochs: int | None = None,
+    ) -> TrainReport:
+        """Learn a query head from a folder of class sub-folders, or a path,group CSV (what
+        `cbir train` does); queries use it from the next call on."""
+        from cbir.evaluate import labels_from_csv, labels_from_folders
+
+        if (labelled is None) == (groups is None):
+            raise CbirError("give either a labelled folder or groups")
+        labels = labels_from_csv(Path(groups)) if groups is not None else \
+            labels_from_folders(Path(labelled))  # fmt: skip
+        options = TrainOptions(epochs=epochs, weights=self._weights, engine=self._engine,
+                               precision=self._precision)  # fmt: skip
+        return _train(self.db_dir, labels, str(groups or labelled), options)
+
+    def reset_training(self) -> bool:
+        """Remove the query head (`cbir train --reset`); False if there was none."""
+        return _reset_training(self.db_dir)
 
     # -- looking at it ----------------------------------------------------------------------
 

@@ -407,14 +407,17 @@ def train_query_head(
     epochs: int,
     on_epoch: Any = None,
     seed: int = 0,
+    anchor: float = HEAD_ANCHOR,
 ) -> tuple[npt.NDArray[np.float32], list[float]]:
     """(head A (d, d), loss per epoch): a linear map of centred query features learned with a
     supervised contrastive loss (Khosla et al. 2020) on the user's labelled images.
 
     centred: (n, d) unit-norm features centred on the database's mean; classes: (n,) label of
-    each. The logit of a pair (i, j) is normalise(A x_i) . x_j / HEAD_TEMPERATURE, which is
-    how `cbir query` ranks with a head (cbir.centring): only the query side is mapped. A
-    starts at the identity and HEAD_ANCHOR * ||A - I||^2 holds it near there. on_epoch(epoch,
+    each, -1 for the database's own images taken as background (never a positive, never an
+    anchor: what a query must rank the labelled images above). The logit of a pair (i, j) is
+    normalise(A x_i) . x_j / HEAD_TEMPERATURE, which is how `cbir query` ranks with a head
+    (cbir.centring): only the query side is mapped. A
+    starts at the identity and anchor * ||A - I||^2 holds it near there. on_epoch(epoch,
     loss) is called after each epoch (a progress bar). Sets Keras' global random seed."""
     keras = _import_keras()
     from keras import ops
@@ -424,7 +427,7 @@ def train_query_head(
 
     class TowardsIdentity(keras.regularizers.Regularizer):
         def __call__(self, w: Any) -> Any:
-            return HEAD_ANCHOR * ops.sum(ops.square(w - ops.eye(d)))
+            return anchor * ops.sum(ops.square(w - ops.eye(d)))
 
     inputs = keras.Input((d,))
     head = keras.layers.Dense(d, use_bias=False, kernel_initializer="identity",
@@ -436,11 +439,15 @@ def train_query_head(
         logits = ops.matmul(mapped, ops.transpose(mapped_and_plain[:, d:])) / HEAD_TEMPERATURE
         not_self = 1.0 - ops.eye(ops.shape(mapped)[0])
         labels = ops.reshape(ops.cast(labels, "int32"), (-1,))
+        labelled = ops.cast(labels >= 0, "float32")
         same = ops.cast(ops.equal(labels[:, None], labels[None, :]), "float32") * not_self
+        same = same * labelled[:, None] * labelled[None, :]
         logits = logits - 1e9 * (1.0 - not_self)
         log_prob = logits - ops.logsumexp(logits, axis=1, keepdims=True)
-        positives = ops.maximum(ops.sum(same, axis=1), 1.0)
-        return -ops.mean(ops.sum(same * log_prob, axis=1) / positives)
+        positives = ops.sum(same, axis=1)
+        per_anchor = ops.sum(same * log_prob, axis=1) / ops.maximum(positives, 1.0)
+        anchors = ops.cast(positives > 0, "float32")
+        return -ops.sum(per_anchor * anchors) / ops.maximum(ops.sum(anchors), 1.0)
 
     class Progress(keras.callbacks.Callback):
         def on_epoch_end(self, epoch: int, logs: Any = None) -> None:

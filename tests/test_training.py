@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import cbir
 from cbir import training
 from cbir.cli import main
 from cbir.db import CATALOG_NAME, Database, check_database, open_writer
@@ -48,10 +49,13 @@ def test_train_stores_a_head_that_queries_use_and_reset_restores_the_exact_resul
     queries = [centres[c] + 0.6 * rng.standard_normal(DIM) for c in range(4)]
     queries = [(q / np.linalg.norm(q)).astype(np.float32) for q in queries]
     before = [gated_query(db, q) for q in queries]
-    # Labels that cut across the clusters: the head has something to learn
-    labels = {str(img.source_path): f"group{int(img.feature[0] > 0)}" for img in images[:300]}
+    # Labels that cut across the clusters, as a path,group file: the head has something to learn
+    groups = tmp_path / "groups.csv"
+    groups.write_text("path,group\n" + "".join(
+        f"{img.source_path},group{int(img.feature[0] > 0)}\n" for img in images[:300]))
 
-    report = training.train(db, labels, "synthetic", training.TrainOptions(epochs=8))
+    with cbir.open_db(db) as opened:
+        report = opened.train(groups=groups, epochs=8)
 
     assert report.n_images == 300 and report.n_classes == 2
     assert report.from_database == 300 and report.described == 0  # stored features, no model
@@ -60,7 +64,7 @@ def test_train_stores_a_head_that_queries_use_and_reset_restores_the_exact_resul
         head = d.query_head()
         assert head is not None and head.shape == (DIM, DIM)
         provenance = d.head_provenance()
-        assert provenance["images"] == 300 and provenance["source"] == "synthetic"
+        assert provenance["images"] == 300 and provenance["source"] == str(groups)
         centre = d.centre()
         ids, rows = d.catalog.all_rows()
         features = d.matrix().gather(rows)

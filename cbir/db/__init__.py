@@ -2,8 +2,8 @@
 
     DB_DIR/cbir-db.json          manifest: format, backbone, weights, settings (manifest.py)
     DB_DIR/catalog.sqlite        images, their categories and matrix rows, source paths, the
-                                 feature sums (cbir.centring): the commit point of every write
-                                 (catalog.py)
+                                 feature sums and the query head (cbir.centring): the commit
+                                 point of every write (catalog.py)
     DB_DIR/matrix-<gen>.f16      every image's feature once, float16 rows (matrix.py)
     DB_DIR/<wnid>_<name>/        one folder per category: stored copies of its images and
         <stem>-<hash><ext>       features.<lo>-<hi>.npz segments (category_files.py)
