@@ -689,8 +689,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     if (args.labelled_dir is None) == (args.groups is None):
         raise CbirError("give either a labelled folder or --groups FILE (or --reset)")
-    if args.epochs is not None and not 1 <= args.epochs <= 1000:
-        raise CbirError("--epochs must be between 1 and 1000")
     source = args.groups if args.groups is not None else args.labelled_dir
     labels = (evaluate.labels_from_csv(args.groups) if args.groups is not None
               else evaluate.labels_from_folders(args.labelled_dir))  # fmt: skip

@@ -450,7 +450,9 @@ def _evaluate_db(db_dir: Path, labels: dict[str, str | None], options: RunOption
     search = options.search
     if search.top_k != db.settings.top_k:
         search = SearchSettings(**{**asdict(search), "top_k": db.settings.top_k})
-    head = db.query_head() if search.centre else None
+    # the head maps centred queries: used where evaluate_corpus centres
+    centred = search.centre and not search.pca and len(ids) > MIN_IMAGES
+    head = db.query_head() if centred else None
     evaluation = evaluate_corpus(corpus, search, head=head)
     not_indexed = sum(1 for p in labels if p not in indexed)
     return RunReport(evaluation, db.settings.backbone, db.settings.pooling, not_indexed,

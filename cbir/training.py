@@ -13,7 +13,6 @@ query learns to rank its class above the library, not only above the other label
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -27,7 +26,7 @@ from cbir import __version__
 from cbir.centring import centred
 from cbir.db import Database, open_writer
 from cbir.errors import BadImage, CbirError
-from cbir.hashing import image_id_of
+from cbir.hashing import file_sha256, image_id_of
 
 DESCRIBE_BATCH = 32  # labelled images the database lacks, described at once
 # The database's own (unlabelled) images join the training as background, BACKGROUND_PER_IMAGE
@@ -39,6 +38,7 @@ DESCRIBE_BATCH = 32  # labelled images the database lacks, described at once
 # docs/quality.md, one run each).
 BACKGROUND_PER_IMAGE = 4
 MAX_BACKGROUND = 40_000
+MAX_EPOCHS = 1000
 
 
 @dataclass(frozen=True)
@@ -75,16 +75,23 @@ def train(
     from cbir import model as models
 
     started = time.perf_counter()
+    if options.epochs is not None and not 1 <= options.epochs <= MAX_EPOCHS:
+        raise CbirError(f"epochs must be between 1 and {MAX_EPOCHS}")
     labelled = sorted(p for p, label in labels.items() if label is not None)
+    ids, bad = _content_ids(labelled)
     with Database.open(db_dir) as db:
-        with db.catalog.snapshot():
+        with db.catalog.snapshot():  # labelled rows and background of one committed state
             centre = db.centre()
             n_database = db.n_images()
-        if centre is None:
-            raise CbirError(f"{db_dir} holds {n_database} images: train needs a database of at "
-                            "least 3 to centre on (add images first)")  # fmt: skip
-        features, found, bad, own_rows = _features(db, labelled, options)
-        background = _background(db, own_rows, len(found), options.seed)
+            if centre is None:
+                raise CbirError(f"{db_dir} holds {n_database} images: train needs a database "
+                                "of at least 3 to centre on (add images first)")  # fmt: skip
+            features, rows, missing = _stored_features(db, ids)
+            background = _background(db, rows, len(ids), options.seed)
+        found = dict.fromkeys(features, True)
+        if missing:
+            for path, feature in _describe(db, missing, options, bad).items():
+                features[path], found[path] = feature, False
     kept = [p for p in labelled if p in found]
     counts: dict[str, int] = {}
     for p in kept:
@@ -102,6 +109,8 @@ def train(
         x, y, epochs, None if on_epoch is None else lambda e, v: on_epoch(e, epochs, v),
         options.seed,
     )  # fmt: skip
+    if not np.isfinite(head).all():
+        raise CbirError("training diverged (the head is not finite); nothing was stored")
     from_database = sum(1 for p in kept if found[p])
     report = TrainReport(len(kept), len(classes), from_database, len(kept) - from_database,
                          len(background), epochs, loss, time.perf_counter() - started,
@@ -123,56 +132,55 @@ def train(
 def reset(db_dir: Path, wait: bool = True, on_wait: Callable[[str], None] | None = None) -> bool:
     """Remove the query head (queries are plain centred ones again); False if there was none."""
     with open_writer(db_dir, wait=wait, on_wait=on_wait) as writer:
-        had = writer.db.query_head() is not None
+        had = writer.catalog.has_query_head()  # a damaged one is removed too
         if had:
             writer.set_query_head(None, {})
     return had
 
 
-def _features(
-    db: Database, paths: list[str], options: TrainOptions
-) -> tuple[dict[str, npt.NDArray[np.float32]], dict[str, bool], list[BadImage], set[int]]:
-    """(path -> unit-norm feature (d,), path -> whether it came from the database, bad
-    files, the matrix rows of the labelled images it holds): stored features where the
-    database holds the content, else described."""
-    features: dict[str, npt.NDArray[np.float32]] = {}
-    found: dict[str, bool] = {}
+def _content_ids(paths: list[str]) -> tuple[dict[str, int], list[BadImage]]:
+    """(path -> the id its content has in any database (cbir.hashing), unreadable files)."""
+    ids: dict[str, int] = {}
     bad: list[BadImage] = []
+    for path in paths:
+        try:
+            ids[path] = image_id_of(file_sha256(Path(path)))
+        except OSError as exc:
+            bad.append(BadImage(Path(path), f"cannot read ({exc.strerror})"))
+    return ids, bad
+
+
+def _stored_features(
+    db: Database, ids: dict[str, int]
+) -> tuple[dict[str, npt.NDArray[np.float32]], set[int], list[str]]:
+    """(path -> unit-norm stored feature (d,) of the labelled images the database holds,
+    their matrix rows, the paths it lacks). Call inside a catalog snapshot."""
     rows: dict[str, int] = {}
-    missing: list[str] = []  # read again when described: a few thousand photos are GBs
-    with db.catalog.snapshot():
-        for path in paths:
-            try:
-                data = Path(path).read_bytes()
-            except OSError as exc:
-                bad.append(BadImage(Path(path), f"cannot read ({exc.strerror})"))
-                continue
-            record = db.image(image_id_of(hashlib.sha256(data).hexdigest()))
-            if record is not None:
-                rows[path] = record.row
-            else:
-                missing.append(path)
-        if rows:
-            stored = db.matrix().gather(np.array(list(rows.values()), np.int64))
-            for path, feature in zip(rows, stored, strict=True):
-                features[path], found[path] = feature / max(np.linalg.norm(feature), 1e-12), True
-    if missing:
-        for path, feature in _describe(db, missing, options, bad).items():
-            features[path], found[path] = feature, False
-    return features, found, bad, set(rows.values())
+    missing: list[str] = []
+    for path, image_id in ids.items():
+        record = db.image(image_id)
+        if record is not None:
+            rows[path] = record.row
+        else:
+            missing.append(path)
+    features: dict[str, npt.NDArray[np.float32]] = {}
+    if rows:
+        stored = db.matrix().gather(np.array(list(rows.values()), np.int64))
+        for path, feature in zip(rows, stored, strict=True):
+            features[path] = feature / max(float(np.linalg.norm(feature)), 1e-12)
+    return features, set(rows.values()), missing
 
 
 def _background(
     db: Database, labelled_rows: set[int], n_labelled: int, seed: int
 ) -> npt.NDArray[np.float32]:
     """(b, d) stored features of up to BACKGROUND_PER_IMAGE * n_labelled of the database's
-    images that are not labelled, chosen at random."""
-    with db.catalog.snapshot():
-        _, rows = db.catalog.all_rows()
-        rows = rows[~np.isin(rows, np.array(sorted(labelled_rows), np.int64))]
-        n = min(len(rows), BACKGROUND_PER_IMAGE * n_labelled, MAX_BACKGROUND)
-        chosen = np.sort(np.random.default_rng(seed).choice(rows, n, replace=False))
-        return db.matrix().gather(chosen)
+    images that are not labelled, chosen at random. Call inside a catalog snapshot."""
+    _, rows = db.catalog.all_rows()
+    rows = rows[~np.isin(rows, np.array(sorted(labelled_rows), np.int64))]
+    n = min(len(rows), BACKGROUND_PER_IMAGE * n_labelled, MAX_BACKGROUND)
+    chosen = np.sort(np.random.default_rng(seed).choice(rows, n, replace=False))
+    return db.matrix().gather(chosen)
 
 
 def _describe(

@@ -83,7 +83,7 @@ def test_damaged_catalog_is_rebuilt_and_a_rerun_reattaches_the_source_paths(db, 
     (db / CATALOG_NAME).write_bytes(b"garbage")
     query_fails_naming(db, capsys, f"{db / CATALOG_NAME} is damaged")
     assert main(["check", str(db), "--repair"]) == 0
-    assert "source paths are lost" in capsys.readouterr().out
+    assert "source paths and the query head are lost" in capsys.readouterr().out
     assert Database.open(db).n_images() == 37
     assert main(["check", str(db)]) == 0
     capsys.readouterr()

@@ -14,11 +14,14 @@ import pytest
 
 import cbir
 from cbir import training
+from cbir.centring import directed
 from cbir.cli import main
 from cbir.db import CATALOG_NAME, Database, check_database, open_writer
 from cbir.db.database import CategoryMembers
+from cbir.errors import DatabaseError
+from cbir.model import HEAD_TEMPERATURE, train_query_head
 from cbir.query import QueryOptions, search
-from cbir.search import top_matches
+from cbir.search import choose_categories, top_matches
 from tests.conftest import TESTDATA, needs_shared
 from tests.test_centring import SETTINGS, spread_over_categories
 from tests.test_store import DIM, new_images
@@ -75,6 +78,9 @@ def test_train_stores_a_head_that_queries_use_and_reset_restores_the_exact_resul
                                                         for w in result.gating.wnids])))
         expected, scores = top_matches(queries[0], features[gated], 15, 3, mean=centre.mean,
                                        head=head)  # fmt: skip
+        # gating walks the centroids in the order of the mapped query
+        order = centre.category_order(directed(centre.query(queries[0]), head))
+        assert result.gating.wnids == choose_categories(order, members, 150)
     assert [h.id for h in result.hits] == ids[gated][expected].tolist()
     np.testing.assert_allclose([h.score for h in result.hits], scores, atol=1e-5)
     after = [gated_query(db, q) for q in queries]
@@ -96,7 +102,7 @@ def test_check_removes_a_tampered_query_head_and_a_catalog_without_one_still_que
     with sqlite3.connect(db / CATALOG_NAME) as conn:
         conn.execute("UPDATE query_head SET matrix = ?",
                      (np.full(DIM * DIM, np.nan, "<f4").tobytes(),))  # fmt: skip
-    with Database.open(db) as d, pytest.raises(Exception, match="invalid query head"):
+    with Database.open(db) as d, pytest.raises(DatabaseError, match="invalid query head"):
         d.query_head()
     problems = check_database(db, repair=True)
     assert any("invalid query head" in p and "cbir train" in p for p in problems)
@@ -105,6 +111,52 @@ def test_check_removes_a_tampered_query_head_and_a_catalog_without_one_still_que
     with sqlite3.connect(db / CATALOG_NAME) as conn:
         conn.execute("DROP TABLE query_head")  # a catalog made before cbir train
     assert gated_query(db, query) == plain and check_database(db) == []
+    table = "CREATE TABLE query_head (id INTEGER PRIMARY KEY, matrix BLOB, provenance TEXT); "
+    zeros = np.zeros(DIM * DIM, "<f4").tobytes().hex()
+    eye = np.eye(DIM, dtype="<f4").tobytes().hex()
+    damaged = (
+        "CREATE TABLE query_head (id INTEGER PRIMARY KEY, other TEXT)",  # another shape
+        table + f"INSERT INTO query_head VALUES (1, x'{zeros}', '{{}}')",  # ranks nothing
+        table + f"INSERT INTO query_head VALUES (1, x'{eye}', '{'[' * 100_000}')",  # too deep
+    )
+    for sql in damaged:
+        with sqlite3.connect(db / CATALOG_NAME) as conn:
+            conn.executescript("DROP TABLE IF EXISTS query_head; " + sql)
+        assert any("cbir train" in p for p in check_database(db, repair=True))
+        assert check_database(db) == [] and gated_query(db, query) == plain
+    with sqlite3.connect(db / CATALOG_NAME) as conn:
+        conn.executescript("DROP TABLE query_head; " + damaged[1])
+    assert training.reset(db) is True  # --reset removes a damaged head too
+    assert gated_query(db, query) == plain
+
+
+def contrastive_loss(head: np.ndarray, x: np.ndarray, y: np.ndarray) -> float:
+    """The training objective in numpy: normalise(head @ x_i) . x_j / T, rows labelled -1
+    never positives nor anchors."""
+    mapped = x @ head.T
+    mapped /= np.linalg.norm(mapped, axis=1, keepdims=True)
+    logits = mapped @ x.T / HEAD_TEMPERATURE
+    np.fill_diagonal(logits, -np.inf)
+    log_prob = logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)
+    same = (y[:, None] == y[None, :]) & (y[:, None] >= 0) & ~np.eye(len(y), dtype=bool)
+    anchors = same.any(axis=1)
+    per_anchor = np.where(same, log_prob, 0).sum(axis=1)[anchors] / same.sum(axis=1)[anchors]
+    return float(-per_anchor.mean())
+
+
+def test_the_trained_head_lowers_the_objective_the_search_ranks_by():
+    rng = np.random.default_rng(21)
+    d = 16
+    x = rng.standard_normal((120, d))
+    y = np.repeat([0, 1, 2, -1], 30)  # three classes and background
+    x[:90] += 1.5 * rng.standard_normal((3, d)).repeat(30, axis=0)  # class directions
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    head, loss = train_query_head(x, y, epochs=40)
+    assert head.shape == (d, d) and loss[-1] < loss[0]
+    identity = contrastive_loss(np.eye(d), x, y)
+    assert contrastive_loss(head, x, y) < identity - 0.05
+    # the head maps column vectors: its transpose is not what was trained
+    assert contrastive_loss(head, x, y) < contrastive_loss(head.T, x, y)
 
 
 def test_cli_train_refuses_what_it_cannot_learn_from(tmp_path, capsys):
@@ -121,6 +173,9 @@ def test_cli_train_refuses_what_it_cannot_learn_from(tmp_path, capsys):
     assert main(["train", str(db), str(one_class), "--reset"]) == 1
     assert "--reset takes no labelled images" in capsys.readouterr().err
     assert main(["train", str(tmp_path / "nowhere"), "--reset"]) == 1
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert main(["train", str(db), str(one_class), "--epochs", "0"]) == 1
+    assert "epochs must be between 1 and" in capsys.readouterr().err
 
 
 def evaluate_json(db: Path, labelled: Path, capsys) -> dict:

@@ -86,6 +86,7 @@ CREATE TABLE meta (             -- matrix_generation: the matrix file in use (it
 """
 # Reads the stored features of matrix rows: rows (r,) int64 -> (r, d) float32 (float16 values)
 FeatureReader = Callable[[npt.NDArray[np.int64]], npt.NDArray[np.float32]]
+MAX_HEAD_VALUE = 1e3  # largest entry of a stored query head that is believed
 _IN_CHUNK = 500  # values per "IN (...)" query, below SQLite's limit on parameters
 _STORED_NAME = re.compile(r"[^/\x00]{1,255}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -648,24 +649,33 @@ class Catalog:
         matrix = np.frombuffer(blob, "<f4").astype(np.float32).reshape(dim, dim)
         try:
             provenance = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):
             provenance = None
-        if not isinstance(provenance, dict) or not np.isfinite(matrix).all():
+        # A trained head stays near the identity: zeros or huge values would rank garbage
+        size = float(np.abs(matrix).max()) if np.isfinite(matrix).all() else np.inf
+        if not isinstance(provenance, dict) or not 0 < size <= MAX_HEAD_VALUE:
             raise damaged(self.path, problem)
         return matrix, provenance
+
+    def has_query_head(self) -> bool:
+        """Whether a query head is stored, valid or not (what --reset removes)."""
+        if self._one("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'query_head'") \
+                is None:  # fmt: skip
+            return False
+        return self._one("SELECT count(*) FROM query_head") != 0
 
     def set_query_head(self, matrix: npt.NDArray[np.float32] | None, provenance: dict) -> None:
         """Store the query head (d, d) with its provenance, replacing any; None removes it."""
         with self.transaction() as conn:
-            conn.execute("CREATE TABLE IF NOT EXISTS query_head (id INTEGER PRIMARY KEY "
-                         "CHECK (id = 1), matrix BLOB NOT NULL, provenance TEXT NOT NULL)")
-            conn.execute("DELETE FROM query_head")
+            conn.execute("DROP TABLE IF EXISTS query_head")  # whatever shape it was given
+            conn.execute("CREATE TABLE query_head (id INTEGER PRIMARY KEY CHECK (id = 1), "
+                         "matrix BLOB NOT NULL, provenance TEXT NOT NULL)")
             if matrix is not None:
                 conn.execute("INSERT INTO query_head VALUES (1, ?, ?)",
                              (np.ascontiguousarray(matrix, "<f4").tobytes(),
                               json.dumps(provenance, sort_keys=True)))  # fmt: skip
             conn.execute("INSERT INTO meta VALUES ('head_version', 1) "
-                         "ON CONFLICT (key) DO UPDATE SET value = value + 1")
+                         "ON CONFLICT (key) DO UPDATE SET value = CAST(value AS INTEGER) + 1")
 
     def rows_and_categories(self) -> Iterator[tuple[int, tuple[str, ...]]]:
         """(matrix row, categories) of every image in row order, streamed (check)."""
@@ -690,7 +700,7 @@ def _copy_rows_to_placements(conn: sqlite3.Connection) -> None:
 
 def _bump_sums_version(conn: sqlite3.Connection) -> None:
     conn.execute("INSERT INTO meta VALUES ('sums_version', 1) "
-                 "ON CONFLICT (key) DO UPDATE SET value = value + 1")
+                 "ON CONFLICT (key) DO UPDATE SET value = CAST(value AS INTEGER) + 1")
 
 
 def set_matrix_rows(conn: sqlite3.Connection, n: int) -> None:

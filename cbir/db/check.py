@@ -97,8 +97,9 @@ class _Checker:
             db.catalog.matrix_state()
             db.catalog.n_images()
         except DatabaseError as exc:
-            self.say(_first_part(exc), "rebuilt from the category files (source paths are "
-                     "lost with it: run the same create-db again to re-attach them)")  # fmt: skip
+            self.say(_first_part(exc), "rebuilt from the category files (source paths and "
+                     "the query head are lost with it: run the same create-db again to "
+                     "re-attach them, and cbir train)")  # fmt: skip
             if self.w is None:
                 return self.problems
             self._rebuild_catalog()
