@@ -214,3 +214,34 @@ def test_a_stored_copy_replaced_by_a_link_is_not_followed(photos_db: Path, tmp_p
             assert status == 404 and b"root:" not in body
     finally:
         server.stop()
+
+
+def test_a_running_server_ranks_with_a_head_trained_beside_it_and_without_after_reset(
+    photos_db: Path, tmp_path: Path
+) -> None:
+    db = tmp_path / "photos.db"
+    shutil.copytree(photos_db, db)
+    queries = [NEAR / "astronaut__q30.jpg", NEAR / "chelsea__rot5.jpg", NEAR / "coffee__crop90.jpg"]
+    server = Server(db)
+    try:
+        def answers() -> list[dict]:
+            found = []
+            for query in queries:
+                status, result = server.upload("/api/query", query.read_bytes(), n="20")
+                assert status == 200
+                found.append([(h["id"], round(h["score"], 4)) for h in result["results"]])
+            return found
+
+        plain = answers()
+        assert run_cli("train", str(db), str(TESTDATA / "photos")).returncode == 0  # all held
+        status, info = server.get("/api/info")
+        assert status == 200 and info["query_head"]["images"] == 37
+        trained = answers()
+        for query, served in zip(queries, trained, strict=True):
+            cli = json.loads(run_cli("query", str(db), str(query), "-n", "20", "--json").stdout)
+            assert [h["id"] for h in cli["results"]] == [i for i, _ in served]
+        assert trained != plain
+        assert run_cli("train", str(db), "--reset").returncode == 0
+        assert answers() == plain
+    finally:
+        server.stop()
