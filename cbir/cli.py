@@ -310,6 +310,11 @@ def build_parser() -> argparse.ArgumentParser:
         "centring; for comparison)",
     )
     p.add_argument(
+        "--no-head",
+        action="store_true",
+        help="with --db: rank without the query head 'cbir train' learned (for comparison)",
+    )
+    p.add_argument(
         "--whiten-power",
         type=float,
         default=0.0,
@@ -890,7 +895,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     )  # fmt: skip
     options = evaluate.RunOptions(
         backbone=args.model, weights=args.weights, pooling=args.pooling, engine=args.engine,
-        precision=args.precision, search=search,
+        precision=args.precision, search=search, use_head=not args.no_head,
     )  # fmt: skip
     report = evaluate.run_evaluation(labels, options, args.db, args.distractors)
     ev = report.evaluation

@@ -373,6 +373,7 @@ class RunOptions:
     engine: str = "auto"
     precision: str = "auto"
     search: SearchSettings = SearchSettings()
+    use_head: bool = True  # rank with the database's query head (cbir train), if it has one
 
 
 @dataclass(frozen=True)
@@ -452,7 +453,7 @@ def _evaluate_db(db_dir: Path, labels: dict[str, str | None], options: RunOption
         search = SearchSettings(**{**asdict(search), "top_k": db.settings.top_k})
     # the head maps centred queries: used where evaluate_corpus centres
     centred = search.centre and not search.pca and len(ids) > MIN_IMAGES
-    head = db.query_head() if centred else None
+    head = db.query_head() if centred and options.use_head else None
     evaluation = evaluate_corpus(corpus, search, head=head)
     not_indexed = sum(1 for p in labels if p not in indexed)
     return RunReport(evaluation, db.settings.backbone, db.settings.pooling, not_indexed,

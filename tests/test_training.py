@@ -209,6 +209,8 @@ def test_cli_train_on_real_photos_describes_what_the_database_lacks(tmp_path, ca
     assert "truncated.jpg" in err
     trained = evaluate_json(db, indexed, capsys)
     assert trained["query_head"]["images"] == n_photos
+    assert main(["evaluate", str(indexed), "--db", str(db), "--json", "--no-head"]) == 0
+    assert json.loads(capsys.readouterr().out) == plain  # the same as before training
     # trained on these very labels: they must rank better than before
     assert trained["exhaustive"]["map"] > plain["exhaustive"]["map"] + 0.02
     assert main(["info", str(db), "--json"]) == 0
