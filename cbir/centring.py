@@ -85,7 +85,12 @@ def directed(
 ) -> npt.NDArray[np.float32]:
     """A centred unit probe (d,) mapped by a database's query head (d, d) and made unit-norm
     again; as it is without a head."""
-    return probe if head is None else normalise(head @ np.asarray(probe, np.float32))
+    if head is None:
+        return probe
+    # einsum, not BLAS: a BLAS call leaves its threads spinning against FAISS's. Gated queries
+    # on the 70k database (2 cores, medians of 40, 3 runs): 32-38 ms with `head @ probe`,
+    # 21-23 ms with einsum, 16-34 ms without a head.
+    return normalise(np.einsum("ij,j->i", head, np.asarray(probe, np.float32)))
 
 
 def centred_scores(
