@@ -721,7 +721,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"cbir: skipped {shown(bad.path)}: {bad.reason}", file=sys.stderr)
     print(f"trained a query head on {report.n_images} images of {report.n_classes} classes "
           f"({report.from_database} from the database, {report.described} described) and "
-          f"{report.background} of the database's other images as background, in "
+          f"{report.background or 'none'} of the database's other images as background, in "
           f"{report.epochs} epochs, {report.seconds:.0f} s: loss {report.loss[0]:.3f} -> "
           f"{report.loss[-1]:.3f}. Queries of {shown(args.db_dir)} use it now; "
           f"'cbir train {shown(args.db_dir)} --reset' removes it.")  # fmt: skip
