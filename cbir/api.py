@@ -289,7 +289,7 @@ class ImageDatabase:
 
     def train(
         self, labelled: str | os.PathLike | None = None, groups: str | os.PathLike | None = None,
-        epochs: int | None = None,
+        epochs: int | None = None, check: bool = True,
     ) -> TrainReport:
         """Learn a query head from a folder of class sub-folders, or a path,group CSV (what
         `cbir train` does); queries use it from the next call on."""
@@ -300,7 +300,7 @@ class ImageDatabase:
         labels = labels_from_csv(Path(groups)) if groups is not None else \
             labels_from_folders(Path(labelled))  # fmt: skip
         options = TrainOptions(epochs=epochs, weights=self._weights, engine=self._engine,
-                               precision=self._precision)  # fmt: skip
+                               precision=self._precision, check=check)  # fmt: skip
         return _train(self.db_dir, labels, str(groups or labelled), options)
 
     def reset_training(self) -> bool:

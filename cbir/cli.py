@@ -339,6 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reset", action="store_true", help="remove the head: plain queries again")
     p.add_argument("--epochs", type=int, help="passes over the images (default: about 1000 "
                    "steps of 128, at most 30 passes)")  # fmt: skip
+    p.add_argument("--no-check", action="store_true", help="skip the check that first trains "
+                   "on part of the labels and scores the rest (it doubles the training time)")
     p.add_argument("--weights", help="weights FILE of a database built with one")
     engine_options(p)
     writer_options(p)
@@ -698,7 +700,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     labels = (evaluate.labels_from_csv(args.groups) if args.groups is not None
               else evaluate.labels_from_folders(args.labelled_dir))  # fmt: skip
     options = training.TrainOptions(epochs=args.epochs, weights=args.weights,
-                                    engine=args.engine, precision=args.precision)  # fmt: skip
+                                    engine=args.engine, precision=args.precision,
+                                    check=not args.no_check)  # fmt: skip
     bar = None
 
     def on_epoch(epoch: int, epochs: int, loss: float) -> None:
@@ -725,6 +728,19 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"{report.epochs} epochs, {report.seconds:.0f} s: loss {report.loss[0]:.3f} -> "
           f"{report.loss[-1]:.3f}. Queries of {shown(args.db_dir)} use it now; "
           f"'cbir train {shown(args.db_dir)} --reset' removes it.")  # fmt: skip
+    check = report.check
+    if check is not None:
+        print(f"check, a head trained on half the images of half the classes: mAP "
+              f"{check.seen_before:.3f} -> {check.seen_after:.3f} on the other "
+              f"{check.n_seen} images of those classes, {check.unseen_before:.3f} -> "
+              f"{check.unseen_after:.3f} on the {check.n_unseen} images of the classes left "
+              "out")  # fmt: skip
+        cost = check.unseen_before - check.unseen_after
+        if cost > 0.01:
+            print(f"cbir: on classes it was not trained on, the head cost {cost:.3f} mAP in the "
+                  "check; label those classes too, or undo it with --reset", file=sys.stderr)
+    elif options.check:
+        print("check skipped: it needs 4 classes with 2 or more images")
     return 0
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -39,6 +39,7 @@ DESCRIBE_BATCH = 32  # labelled images the database lacks, described at once
 BACKGROUND_PER_IMAGE = 4
 MAX_BACKGROUND = 40_000
 MAX_EPOCHS = 1000
+CHECK_QUERIES = 300  # held-out images queried per group by the check (a sample beyond that)
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,21 @@ class TrainOptions:
     engine: str = "auto"
     precision: str = "auto"
     seed: int = 0
+    check: bool = True  # first train on part of the labels and score the rest (HeldOut)
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """What a head trained on part of the labels did to the rest, before the real training:
+    on classes it saw (held-out images of them) and on classes left out of that training,
+    exhaustive mAP among the held-out images, centred on the database's mean as queries are."""
+
+    seen_before: float
+    seen_after: float
+    unseen_before: float
+    unseen_after: float
+    n_seen: int  # held-out images of the trained classes
+    n_unseen: int  # images of the classes left out
 
 
 @dataclass(frozen=True)
@@ -62,6 +78,7 @@ class TrainReport:
     loss: list[float]  # per epoch
     seconds: float
     bad: list[BadImage] = field(default_factory=list)  # unreadable labelled files, skipped
+    check: HeldOut | None = None  # None: not asked for, or too few classes (4 are needed)
 
 
 def train(
@@ -101,9 +118,12 @@ def train(
         raise CbirError("train needs at least 2 classes with 2 or more readable images each "
                         f"(found {len(classes)} classes in {source})")  # fmt: skip
     index = {c: i for i, c in enumerate(classes)}
-    y = np.array([index[str(labels[p])] for p in kept] + [-1] * len(background), np.int64)
-    x = centred(np.concatenate([np.stack([features[p] for p in kept]), background]),
-                centre.mean)  # fmt: skip
+    labelled_y = np.array([index[str(labels[p])] for p in kept], np.int64)
+    plain = np.stack([features[p] for p in kept])
+    check = _held_out_check(plain, labelled_y, background, centre.mean, options) \
+        if options.check else None  # fmt: skip
+    y = np.concatenate([labelled_y, np.full(len(background), -1, np.int64)])
+    x = centred(np.concatenate([plain, background]), centre.mean)
     epochs = options.epochs or models.head_epochs(len(y))
     head, loss = models.train_query_head(
         x, y, epochs, None if on_epoch is None else lambda e, v: on_epoch(e, epochs, v),
@@ -114,7 +134,7 @@ def train(
     from_database = sum(1 for p in kept if found[p])
     report = TrainReport(len(kept), len(classes), from_database, len(kept) - from_database,
                          len(background), epochs, loss, time.perf_counter() - started,
-                         bad)  # fmt: skip
+                         bad, check)  # fmt: skip
     provenance = {
         "source": source, "images": report.n_images, "classes": report.n_classes,
         "from_database": report.from_database, "described": report.described,
@@ -123,10 +143,76 @@ def train(
         "loss_last": loss[-1], "temperature": models.HEAD_TEMPERATURE,
         "anchor": models.HEAD_ANCHOR, "seed": options.seed, "cbir": __version__,
         "trained_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "check": None if check is None else asdict(check),
     }  # fmt: skip
     with open_writer(db_dir, wait=wait, on_wait=on_wait) as writer:
         writer.set_query_head(head, provenance)
     return report
+
+
+def _held_out_check(
+    features: npt.NDArray[np.float32], classes: npt.NDArray[np.int64],
+    background: npt.NDArray[np.float32], mean: npt.NDArray[np.float32], options: TrainOptions,
+) -> HeldOut | None:
+    """Train on half of the images of half of the classes (each with 4 or more images), then
+    score the other images: those of the trained classes and those of the classes left out.
+    features: (n, d) unit-norm; classes: (n,); background: (b, d). None with fewer than 4
+    classes of 2 or more images."""
+    from cbir import model as models
+
+    rng = np.random.default_rng(options.seed)
+    sizes = np.bincount(classes)
+    eligible = np.flatnonzero(sizes >= 2)
+    if len(eligible) < 4:
+        return None
+    left_out = set(rng.permutation(eligible)[: len(eligible) // 2].tolist())
+    train_rows, seen_rows = [], []
+    for c in np.unique(classes).tolist():
+        rows = rng.permutation(np.flatnonzero(classes == c))
+        if c in left_out:
+            continue
+        cut = len(rows) // 2 if len(rows) >= 4 else len(rows)  # small classes: training only
+        train_rows += rows[:cut].tolist()
+        seen_rows += rows[cut:].tolist()
+    unseen_rows = np.flatnonzero(np.isin(classes, sorted(left_out))).tolist()
+    train = np.array(train_rows, np.int64)
+    x = centred(np.concatenate([features[train], background]), mean)
+    y = np.concatenate([classes[train], np.full(len(background), -1, np.int64)])
+    head, _ = models.train_query_head(x, y, options.epochs or models.head_epochs(len(y)),
+                                      seed=options.seed)  # fmt: skip
+    scored = np.array(seen_rows + unseen_rows, np.int64)
+    seen = np.arange(len(seen_rows))
+    unseen = np.arange(len(seen_rows), len(scored))
+
+    def score(queries: npt.NDArray[np.int64], h: npt.NDArray[np.float32] | None) -> float:
+        return _map(features[scored], classes[scored], queries, mean, h)
+
+    return HeldOut(score(seen, None), score(seen, head), score(unseen, None),
+                   score(unseen, head), len(seen), len(unseen))  # fmt: skip
+
+
+def _map(
+    features: npt.NDArray[np.float32], classes: npt.NDArray[np.int64],
+    queries: npt.NDArray[np.int64], mean: npt.NDArray[np.float32],
+    head: npt.NDArray[np.float32] | None,
+) -> float:
+    """Exhaustive mAP of (up to CHECK_QUERIES of) `queries` among `features` (m, d), each
+    query left out, ranked as `cbir query` ranks (centred, query expansion, the head)."""
+    from cbir.evaluate import average_precision
+    from cbir.search import DEFAULT_QUERY_EXPANSION, top_matches
+
+    if len(queries) > CHECK_QUERIES:
+        queries = np.sort(np.random.default_rng(0).choice(queries, CHECK_QUERIES, replace=False))
+    aps = []
+    for q in queries.tolist():
+        others = np.flatnonzero(np.arange(len(features)) != q)
+        relevant = classes[others] == classes[q]
+        if not relevant.any():
+            continue
+        order, _ = top_matches(features[q], features[others], len(others),
+                               DEFAULT_QUERY_EXPANSION, mean=mean, head=head)  # fmt: skip
+        aps.append(average_precision(relevant[order], int(relevant.sum())))
+    return float(np.mean(aps)) if aps else float("nan")
 
 
 def reset(db_dir: Path, wait: bool = True, on_wait: Callable[[str], None] | None = None) -> bool:

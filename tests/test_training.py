@@ -63,6 +63,7 @@ def test_train_stores_a_head_that_queries_use_and_reset_restores_the_exact_resul
     assert report.n_images == 300 and report.n_classes == 2
     assert report.from_database == 300 and report.described == 0  # stored features, no model
     assert report.loss[-1] < report.loss[0]
+    assert report.check is None  # two classes: too few to leave some out
     with Database.open(db) as d:
         head = d.query_head()
         assert head is not None and head.shape == (DIM, DIM)
@@ -207,8 +208,11 @@ def test_cli_train_on_real_photos_describes_what_the_database_lacks(tmp_path, ca
     assert f"on {n_photos} images of 7 classes" in out
     assert f"({n_indexed} from the database, {n_photos - n_indexed} described)" in out
     assert "truncated.jpg" in err
+    assert "check, a head trained on half the images of half the classes" in out
     trained = evaluate_json(db, indexed, capsys)
     assert trained["query_head"]["images"] == n_photos
+    check = trained["query_head"]["check"]
+    assert check["n_seen"] > 0 and check["n_unseen"] > 0 and 0 <= check["seen_after"] <= 1
     assert main(["evaluate", str(indexed), "--db", str(db), "--json", "--no-head"]) == 0
     assert json.loads(capsys.readouterr().out) == plain  # the same as before training
     # trained on these very labels: they must rank better than before
@@ -222,3 +226,22 @@ def test_cli_train_on_real_photos_describes_what_the_database_lacks(tmp_path, ca
     assert capsys.readouterr().out == plain_query
     again = evaluate_json(db, indexed, capsys)
     assert again == plain
+
+
+def test_the_check_scores_held_out_images_and_classes_left_out_of_a_first_training():
+    rng = np.random.default_rng(31)
+    d, per_class = 24, 20
+    shared = rng.standard_normal((8, d))
+    x = np.repeat(shared, per_class, axis=0) + 1.2 * rng.standard_normal((8 * per_class, d))
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    y = np.repeat(np.arange(8), per_class)
+    background = rng.standard_normal((100, d)).astype(np.float32)
+    background /= np.linalg.norm(background, axis=1, keepdims=True)
+    mean = np.concatenate([x, background]).mean(axis=0)
+    check = training._held_out_check(x, y, background, mean, training.TrainOptions(epochs=20))
+    assert check.n_unseen == 4 * per_class  # four classes left out whole
+    assert check.n_seen == 4 * per_class // 2  # the other half of the other four
+    assert check.seen_after > check.seen_before  # it learned the classes it saw
+    assert 0 < check.unseen_after <= 1 and 0 < check.unseen_before <= 1
+    assert training._held_out_check(x[:60], y[:60], background, mean,
+                                    training.TrainOptions()) is None  # three classes
