@@ -14,15 +14,18 @@ the set's mean, query expansion 3), without and with the head:
 - Fashion-MNIST: trained on 10,000 train-split images, 1,000 test-split images queried among
   themselves.
 
-Each anchor (the weight of ||A - I||^2) is one row per set. Features come from
-bench/quality_grid.py's cache (run it, or bench/quality_scale.py, first):
+Each anchor (the weight of ||A - I||^2) and background ratio (database images per labelled
+image) is one row per set. Features come from bench/quality_grid.py's cache (run it, or
+bench/quality_scale.py, first):
 
-    python bench/train_head.py --large /tmp/fm70k --fashion /tmp/fm1k [--anchors 0.003 0.01]
+    python bench/train_head.py --large /tmp/fm70k --fashion /tmp/fm1k \
+        [--anchors 0.003 0.01 0.03] [--backgrounds 0 1 4]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import time
 from pathlib import Path
@@ -41,14 +44,14 @@ from cbir.training import BACKGROUND_PER_IMAGE, MAX_BACKGROUND  # noqa: E402
 
 def train(
     features: npt.NDArray[np.float32], labels: list[str], database: npt.NDArray[np.float32],
-    anchor: float, seed: int = 0,
+    anchor: float, background_per_image: float = BACKGROUND_PER_IMAGE, seed: int = 0,
 ) -> tuple[npt.NDArray[np.float32], list[float]]:
     """(head (d, d), loss per epoch), as `cbir train` trains it: centred on the mean of the
-    `database` (n, d) it will search, with BACKGROUND_PER_IMAGE of its rows per labelled
+    `database` (n, d) it will search, with `background_per_image` of its rows per labelled
     image as background."""
     classes = {c: i for i, c in enumerate(sorted(set(labels)))}
     rng = np.random.default_rng(seed)
-    n_background = min(len(database), BACKGROUND_PER_IMAGE * len(labels), MAX_BACKGROUND)
+    n_background = min(len(database), int(background_per_image * len(labels)), MAX_BACKGROUND)
     background = database[np.sort(rng.choice(len(database), n_background, replace=False))]
     y = np.array([classes[c] for c in labels] + [-1] * n_background, np.int64)
     mean = database.astype(np.float64).mean(axis=0).astype(np.float32)
@@ -66,9 +69,9 @@ def exhaustive_map(
     return evaluate_corpus(corpus, SearchSettings(), head=head).exhaustive.map
 
 
-def row(name: str, anchor: float, plain: float, trained: float, loss: list[float],
+def row(name: str, setting: str, plain: float, trained: float, loss: list[float],
         seconds: float) -> str:  # fmt: skip
-    return (f"| {name} | {anchor:g} | {plain:.3f} | {trained:.3f} | {trained - plain:+.3f} | "
+    return (f"| {name} | {setting} | {plain:.3f} | {trained:.3f} | {trained - plain:+.3f} | "
             f"{loss[0]:.2f} -> {loss[-1]:.2f} ({len(loss)} epochs) | {seconds:.0f} s |")
 
 
@@ -78,10 +81,12 @@ def main() -> None:
     parser.add_argument("--fashion", type=Path, required=True, help="exported Fashion-MNIST 1k")
     parser.add_argument("--cache", type=Path, default=Path("/tmp/cbir-quality-grid"))
     parser.add_argument("--anchors", type=float, nargs="+", default=[HEAD_ANCHOR])
+    parser.add_argument("--backgrounds", type=float, nargs="+", default=[BACKGROUND_PER_IMAGE],
+                        help="database images per labelled image taken as background")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
-    lines = ["| trained on -> scored on | anchor | plain mAP | with head | change | loss "
-             "| training |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| trained on -> scored on | anchor, background | plain mAP | with head | change "
+             "| loss | training |", "|---|---|---|---|---|---|---|"]  # fmt: skip
 
     def say(line: str) -> None:
         lines.append(line)
@@ -111,30 +116,31 @@ def main() -> None:
 
     among = np.concatenate([evaldata.gap[~half], fashion.gap])  # half B among the 70k
     among_labels = test_labels + [None] * len(fashion.gap)
-    for anchor in args.anchors:
+    for anchor, ratio in itertools.product(args.anchors, args.backgrounds):
+        setting = f"{anchor:g}, {ratio:g}"
         started = time.perf_counter()
         half_a = [labels[i] for i in np.flatnonzero(half)]
-        head, loss = train(evaldata.gap[half], half_a, evaldata.gap[~half], anchor)
-        say(row("evaldata half A -> half B", anchor, exhaustive_map(evaldata.gap[~half],
+        head, loss = train(evaldata.gap[half], half_a, evaldata.gap[~half], anchor, ratio)
+        say(row("evaldata half A -> half B", setting, exhaustive_map(evaldata.gap[~half],
                                                                      test_labels),
                 exhaustive_map(evaldata.gap[~half], test_labels, head), loss,
                 time.perf_counter() - started))  # fmt: skip
         started = time.perf_counter()
-        head, loss = train(evaldata.gap[half], half_a, among, anchor)
-        say(row("evaldata half A -> half B among 70k Fashion-MNIST", anchor,
+        head, loss = train(evaldata.gap[half], half_a, among, anchor, ratio)
+        say(row("evaldata half A -> half B among 70k Fashion-MNIST", setting,
                 exhaustive_map(among, among_labels), exhaustive_map(among, among_labels, head),
                 loss, time.perf_counter() - started))  # fmt: skip
         for name, features, set_labels in unseen:
             started = time.perf_counter()
-            head, loss = train(evaldata.gap, labels, features, anchor)
-            say(row(f"evaldata -> {name} (unseen classes)", anchor,
+            head, loss = train(evaldata.gap, labels, features, anchor, ratio)
+            say(row(f"evaldata -> {name} (unseen classes)", setting,
                     exhaustive_map(features, set_labels),
                     exhaustive_map(features, set_labels, head), loss,
                     time.perf_counter() - started))  # fmt: skip
         started = time.perf_counter()
         head, loss = train(fashion.gap[train_rows], [large[fashion.paths[i]] for i in train_rows],
-                           fashion.gap[test_rows], anchor)  # fmt: skip
-        say(row("Fashion-MNIST train 10k -> test 1k", anchor,
+                           fashion.gap[test_rows], anchor, ratio)  # fmt: skip
+        say(row("Fashion-MNIST train 10k -> test 1k", setting,
                 exhaustive_map(fashion.gap[test_rows], fashion_test),
                 exhaustive_map(fashion.gap[test_rows], fashion_test, head), loss,
                 time.perf_counter() - started))  # fmt: skip

@@ -157,7 +157,8 @@ def _held_out_check(
     """Train on half of the images of half of the classes (each with 4 or more images), then
     score the other images: those of the trained classes and those of the classes left out.
     features: (n, d) unit-norm; classes: (n,); background: (b, d). None with fewer than 4
-    classes of 2 or more images."""
+    classes of 2 or more images, or when no trained class has the 4 it takes to hold some
+    out."""
     from cbir import model as models
 
     rng = np.random.default_rng(options.seed)
@@ -175,6 +176,8 @@ def _held_out_check(
         train_rows += rows[:cut].tolist()
         seen_rows += rows[cut:].tolist()
     unseen_rows = np.flatnonzero(np.isin(classes, sorted(left_out))).tolist()
+    if not seen_rows:  # every trained class too small to hold images out
+        return None
     train = np.array(train_rows, np.int64)
     x = centred(np.concatenate([features[train], background]), mean)
     y = np.concatenate([classes[train], np.full(len(background), -1, np.int64)])

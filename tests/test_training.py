@@ -245,3 +245,6 @@ def test_the_check_scores_held_out_images_and_classes_left_out_of_a_first_traini
     assert 0 < check.unseen_after <= 1 and 0 < check.unseen_before <= 1
     assert training._held_out_check(x[:60], y[:60], background, mean,
                                     training.TrainOptions()) is None  # three classes
+    pairs = np.concatenate([np.flatnonzero(y == c)[:2] for c in range(8)])
+    assert training._held_out_check(x[pairs], y[pairs], background, mean,
+                                    training.TrainOptions()) is None  # none can hold out
