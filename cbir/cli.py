@@ -730,17 +730,20 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"'cbir train {shown(args.db_dir)} --reset' removes it.")  # fmt: skip
     check = report.check
     if check is not None:
-        print(f"check, a head trained on half the images of half the classes: mAP "
-              f"{check.seen_before:.3f} -> {check.seen_after:.3f} on the other "
-              f"{check.n_seen} images of those classes, {check.unseen_before:.3f} -> "
+        sample = (f" ({training.CHECK_QUERIES} of them queried)"
+                  if max(check.n_seen, check.n_unseen) > training.CHECK_QUERIES else "")
+        print(f"check, a head trained on half the images of half the classes, scored among "
+              f"the held-out images: mAP {check.seen_before:.3f} -> {check.seen_after:.3f} on "
+              f"the other {check.n_seen} images of those classes, {check.unseen_before:.3f} -> "
               f"{check.unseen_after:.3f} on the {check.n_unseen} images of the classes left "
-              "out")  # fmt: skip
+              f"out{sample}")  # fmt: skip
         cost = check.unseen_before - check.unseen_after
         if cost > 0.01:
             print(f"cbir: on classes it was not trained on, the head cost {cost:.3f} mAP in the "
                   "check; label those classes too, or undo it with --reset", file=sys.stderr)
     elif options.check:
-        print("check skipped: it needs 4 classes with 2 or more images")
+        print("check skipped: it needs 4 classes with 2 or more images, and classes of 4 or "
+              "more to hold some out")
     return 0
 
 

@@ -154,7 +154,8 @@ def _held_out_check(
     features: npt.NDArray[np.float32], classes: npt.NDArray[np.int64],
     background: npt.NDArray[np.float32], mean: npt.NDArray[np.float32], options: TrainOptions,
 ) -> HeldOut | None:
-    """Train on half of the images of half of the classes (each with 4 or more images), then
+    """Train on half the images of half the classes (of those with 2 or more images; a
+    trained class needs 4 to hold some out), then
     score the other images: those of the trained classes and those of the classes left out.
     features: (n, d) unit-norm; classes: (n,); background: (b, d). None with fewer than 4
     classes of 2 or more images, or when no trained class has the 4 it takes to hold some
@@ -183,6 +184,8 @@ def _held_out_check(
     y = np.concatenate([classes[train], np.full(len(background), -1, np.int64)])
     head, _ = models.train_query_head(x, y, options.epochs or models.head_epochs(len(y)),
                                       seed=options.seed)  # fmt: skip
+    if not np.isfinite(head).all():
+        return None  # diverged: no number to show
     scored = np.array(seen_rows + unseen_rows, np.int64)
     seen = np.arange(len(seen_rows))
     unseen = np.arange(len(seen_rows), len(scored))
