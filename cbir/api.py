@@ -429,6 +429,7 @@ def result_json(result: QueryResult, shown: Callable[[object], str] = str) -> di
         "categories": [{"id": c.wnid, "name": c.name, "prob": round(c.prob, 6)}
                        for c in result.categories],
         "searched_categories": list(result.gating.wnids),
+        "searched_lists": list(result.gating.lists),
         "searched": result.n_searched,
         "search": result.method,
         "results": [{"path": shown(h.path), "score": round(h.score, 6), "id": h.id,

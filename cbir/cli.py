@@ -648,7 +648,9 @@ def _print_table(result) -> None:  # noqa: ANN001
         print(f"  none of its predicted categories is in the database; searched the "
               f"{len(searched)} {closest} ones it has: {listed}{more}")  # fmt: skip
     nearest = " nearest by centroid" if result.gating.order == "centroids" else ""
-    where = {"gated": f"in {len(searched)} categories{nearest}", "exact": "(every image)",
+    gated = f"in {len(searched)} categories{nearest}" if not result.gating.lists else \
+        f"in the {len(result.gating.lists)} nearest lists of the inverted file"  # fmt: skip
+    where = {"gated": gated, "exact": "(every image)",
              "ivf": "(the nearest lists of the inverted file)"}[result.method]  # fmt: skip
     print(f"  searched {result.n_searched} images {where}")
     print(f"  {'rank':>4}  {'score':>6}  path")
@@ -921,11 +923,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.json:
         data = {"backbone": report.backbone, "pooling": report.pooling,
                 "not_indexed": report.not_indexed, "query_head": report.head,
+                "gated_by": report.gated_by,
                 **ev.to_json()}  # fmt: skip
         print(json.dumps(data))
         return 0
     s = ev.settings
     extras = "" if s.centre else ", no centring"
+    if report.gated_by == "lists":
+        extras += ", gated by the inverted lists"
     if report.head is not None:
         extras += f", query head trained on {report.head.get('images', '?')} images"
     extras += f", query expansion {s.query_expansion}" if s.query_expansion else ""

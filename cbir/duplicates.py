@@ -98,7 +98,7 @@ def similar_pairs(
         n_lists = max(64, int(4 * math.sqrt(n)))
         chosen = np.sort(np.random.default_rng(0).choice(n, min(n, 40 * n_lists), replace=False))
         quantizer = faiss.IndexFlatIP(codes.dim)
-        quantizer.add(ivf.train(codes.rows(chosen), n_lists))
+        quantizer.add(ivf.kmeans(codes.rows(chosen), n_lists))
         index = faiss.IndexIVFScalarQuantizer(quantizer, codes.dim, n_lists,
                                               faiss.ScalarQuantizer.QT_fp16,
                                               faiss.METRIC_INNER_PRODUCT)  # fmt: skip

@@ -31,6 +31,7 @@ import numpy.typing as npt
 
 from cbir import categories
 from cbir.centring import MIN_IMAGES, directed, sums_by_category
+from cbir.db.ivf import InvertedFile
 from cbir.errors import BadImage, CbirError
 from cbir.features import apply_whitening, learn_whitening, normalise
 from cbir.search import (
@@ -264,6 +265,22 @@ def evaluate_corpus(
     )  # fmt: skip
 
 
+def _by_lists(
+    inverted: InvertedFile, query_features: npt.NDArray[np.float32],
+    head: npt.NDArray[np.float32] | None, min_candidates: int,
+) -> ChooseCategories:
+    """Gating by a database's inverted lists, as cbir.query gates: the lists by centroid
+    cosine to the (mapped) probe, until they hold min_candidates images. The centroids were
+    trained on a sample that may hold the query's own row: one of about 40 per list."""
+
+    def choose(q: int, available: Mapping[str, npt.NDArray[np.int64]]) -> Sequence[str]:
+        probe = directed(inverted.probe(query_features[q]), head)
+        order = [f"list {x}" for x in inverted.order(probe).tolist()]
+        return choose_categories(order, available, min_candidates)
+
+    return choose
+
+
 class _Centring:
     """The corpus's feature sums, overall and per category, from which each query's mean and
     centroids are made without its own row (as the catalog's sums would be)."""
@@ -383,6 +400,7 @@ class RunReport:
     pooling: str
     not_indexed: int  # labelled files not in the database (unreadable, or missing from --db)
     head: dict | None = None  # provenance of the database's query head (cbir train), if used
+    gated_by: str = "categories"  # or "lists": the database's inverted file (cbir.db.ivf)
 
 
 def run_evaluation(
@@ -440,21 +458,29 @@ def _evaluate_db(db_dir: Path, labels: dict[str, str | None], options: RunOption
         described = model.describe(np.stack(batch))
         probs.append(described.probs)
         features.append(described.features[db.settings.pooling])
-    corpus = Corpus(
-        labels=row_labels,
-        features=stored_features,
-        memberships=[records[i].wnids for i in ids.tolist()],
-        queries=queries,
-        query_features=np.concatenate(features),
-        query_probs=np.concatenate(probs),
-    )
     search = options.search
     if search.top_k != db.settings.top_k:
         search = SearchSettings(**{**asdict(search), "top_k": db.settings.top_k})
     # the head maps centred queries: used where evaluate_corpus centres
     centred = search.centre and not search.pca and len(ids) > MIN_IMAGES
     head = db.query_head() if centred and options.use_head else None
-    evaluation = evaluate_corpus(corpus, search, head=head)
+    query_features = np.concatenate(features)
+    inverted = db.ivf() if centred else None
+    memberships = [records[i].wnids for i in ids.tolist()]
+    choose: ChooseCategories | None = None
+    if inverted is not None:  # gated as cbir query gates it: by the inverted lists
+        memberships = [(f"list {x}",) for x in db.catalog.lists_in_row_order().tolist()]
+        choose = _by_lists(inverted, query_features, head, search.min_candidates)
+    corpus = Corpus(
+        labels=row_labels,
+        features=stored_features,
+        memberships=memberships,
+        queries=queries,
+        query_features=query_features,
+        query_probs=np.concatenate(probs),
+    )
+    evaluation = evaluate_corpus(corpus, search, choose, head=head)
     not_indexed = sum(1 for p in labels if p not in indexed)
     return RunReport(evaluation, db.settings.backbone, db.settings.pooling, not_indexed,
-                     None if head is None else db.head_provenance())  # fmt: skip
+                     None if head is None else db.head_provenance(),
+                     "categories" if inverted is None else "lists")  # fmt: skip

@@ -171,7 +171,7 @@ def search_described(
             gatings = [choose(db, p, f, members, options)
                        for p, f in zip(described.probs, features, strict=True)]  # fmt: skip
             pool = CandidatePool(db)
-            pool.gather([g.wnids for g in gatings], members)
+            pool.gather([gated_rows(g, members) for g in gatings])
         return [search(db, path, described.probs[i], features[i],
                        members, options, pool, gatings[i], resident,
                        own_id if options.exclude_self else None)
@@ -217,7 +217,7 @@ class ResidentMatrix:
         self._generation = -1
         self._read = 0  # rows of that generation in memory
         self._state: tuple[int, int, int] | None = None  # (generation, rows, images)
-        self._by_wnid: dict[str, npt.NDArray[np.int64]] = {}  # wnid -> its sorted rows
+        self._by_unit: dict[str | int, npt.NDArray[np.int64]] = {}  # wnid or list -> rows
         self._live: npt.NDArray[np.int64] | None = None  # the rows of every image, sorted
 
     @classmethod
@@ -230,7 +230,7 @@ class ResidentMatrix:
         state = (generation, n_rows, db.n_images())
         if state == self._state:
             return
-        self._by_wnid.clear()
+        self._by_unit.clear()
         self._live = None
         have = self._read if generation == self._generation and n_rows >= self._read else 0
         self._read, self._state = 0, None  # until every row is in (a failed read: all again)
@@ -240,15 +240,17 @@ class ResidentMatrix:
             matrix.read_codes(start, view[start : min(start + SCAN_BLOCK_ROWS, n_rows)])
         self._generation, self._state, self._read = generation, state, n_rows
 
-    def category_rows(self, db: Database, wnids: tuple[str, ...]) -> npt.NDArray[np.int64]:
-        """The sorted rows of the images in any of `wnids`, each once."""
-        for wnid in wnids:
-            if wnid not in self._by_wnid:
-                self._by_wnid[wnid] = db.catalog.rows_of_categories([wnid])
-        if len(wnids) == 1:
-            return self._by_wnid[wnids[0]]
+    def gated_rows(self, db: Database, gating: Gating) -> npt.NDArray[np.int64]:
+        """The sorted rows a gated query searches (its categories' or lists'), each once."""
+        keys: list[str | int] = list(gating.lists or gating.wnids)
+        for key in keys:
+            if key not in self._by_unit:
+                self._by_unit[key] = db.catalog.rows_of_lists([key]) if isinstance(key, int) \
+                    else db.catalog.rows_of_categories([key])  # fmt: skip
+        if len(keys) == 1:
+            return self._by_unit[keys[0]]
         return np.unique(np.concatenate([np.zeros(0, np.int64),
-                                         *(self._by_wnid[w] for w in wnids)]))  # fmt: skip
+                                         *(self._by_unit[k] for k in keys)]))  # fmt: skip
 
     def live_rows(self, db: Database) -> npt.NDArray[np.int64]:
         """The sorted rows of every committed image."""
@@ -267,60 +269,63 @@ class ResidentMatrix:
 
 
 class CandidatePool:
-    """The rows of the categories a batch of queries searches, gathered once into one FAISS
-    index; each query then ranks only its own categories' rows in it (a selector), with
-    the same result as gathering them alone. Fashion-MNIST's 20 test queries search 20-40k
-    rows each, mostly the same ones: gathering them once instead of 20 times is most of the
-    work saved. A pool larger than POOL_ROWS is not made (queries gather their own)."""
+    """The rows a batch of queries searches, gathered once into one FAISS index; each query
+    then ranks only its own candidates in it (a selector), with the same result as gathering
+    them alone. Fashion-MNIST's 20 test queries search 20-40k rows each, mostly the same
+    ones: gathering them once instead of 20 times is most of the work saved. A pool larger
+    than POOL_ROWS is not made (queries gather their own)."""
 
     POOL_ROWS = 150_000
 
     def __init__(self, db: Database) -> None:
         self.db = db
-        self.by_wnid: dict[str, npt.NDArray[np.int64]] = {}  # wnid -> its sorted rows
         self.rows = np.zeros(0, np.int64)  # the pool's rows, sorted
         self.index: Float16Rows | None = None
 
-    def gather(self, gatings: list[tuple[str, ...]], members: CategoryMembers) -> None:
-        """Gather the rows of every category in `gatings` (their rows from `members`, which
-        choosing the gatings has mostly read already)."""
-        for wnid in sorted({w for wnids in gatings for w in wnids}):
-            self.by_wnid[wnid] = members[wnid]
-        if not self.by_wnid:
+    def gather(self, candidates: list[npt.NDArray[np.int64]]) -> None:
+        """Gather the union of every query's candidate rows (each (r,) sorted)."""
+        if not candidates:
             return
-        self.rows = np.unique(np.concatenate(list(self.by_wnid.values())))
-        if len(self.rows) > self.POOL_ROWS:
-            self.by_wnid.clear()
+        rows = np.unique(np.concatenate(candidates))
+        if len(rows) > self.POOL_ROWS:
             return
+        self.rows = rows
         self.index = Float16Rows(self.db.settings.feature_dim)
         self.db.matrix().gather_codes(self.rows, self.index.buffer(len(self.rows)))
 
     def rank(
-        self, wnids: tuple[str, ...], query: npt.NDArray[np.float32], options: QueryOptions,
+        self, rows: npt.NDArray[np.int64], query: npt.NDArray[np.float32], options: QueryOptions,
         mean: npt.NDArray[np.float32] | None, head: npt.NDArray[np.float32] | None,
-    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32], int] | None:
-        """(rows, scores, rows searched) among the rows of `wnids`; None if not pooled."""
-        if self.index is None or any(w not in self.by_wnid for w in wnids):
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]] | None:
+        """(rows, scores) of the best of the candidate `rows` (sorted); None if not pooled."""
+        if self.index is None:
             return None
-        rows = np.unique(np.concatenate([self.by_wnid[w] for w in wnids]))
         positions = np.searchsorted(self.rows, rows)
+        if len(rows) and (positions[-1] >= len(self.rows)
+                          or not np.array_equal(self.rows[positions], rows)):  # fmt: skip
+            return None
         everything = len(positions) == len(self.rows)
         best, scores = rank(self.index, query, options.n_results, options.query_expansion,
                             None if everything else positions, mean, head)  # fmt: skip
-        return self.rows[best], scores, len(rows)
+        return self.rows[best], scores
 
 
 def choose(
     db: Database, probs: npt.NDArray[np.float32], feature: npt.NDArray[np.float32],
     members: CategoryMembers, options: QueryOptions,
 ) -> Gating:
-    """The categories a gated query with class probabilities `probs` (1000,) and feature
-    (d,) searches: by centred centroid cosine (cbir.centring; the centred query mapped by the
-    database's query head, if trained), or by probability in a database too small to centre."""
+    """What a gated query with class probabilities `probs` (1000,) and feature (d,)
+    searches: the inverted lists by centroid cosine where the database has them (cbir.db.ivf),
+    else its categories by centred centroid cosine (cbir.centring), or by probability in a
+    database too small to centre; the centred query mapped by the query head, if trained."""
+    inverted, centre = db.ivf(), db.centre()
+    if inverted is not None and centre is not None:
+        probe = directed(inverted.probe(feature), db.query_head())
+        lists = members.lists_until(inverted.order(probe), options.min_candidates)
+        return Gating((), False, "lists", lists)
     wnids = categories.wnids()
     own = [wnids[i] for i in np.argsort(-probs)]
     fell_back = not any(w in members for w in own[: db.settings.top_k])
-    centre = db.centre()
     if centre is None:
         order, how = own, "probability"
     else:
@@ -362,11 +367,11 @@ def search(
     method = "gated"
     if options.search_all:
         gating = Gating(tuple(sorted(members)), fell_back=False, order="all")
-        centroids = None if options.exact else db.ivf()
-        if centroids is not None:
+        inverted = None if options.exact or centre is None else db.ivf()
+        if inverted is not None:
             method = "ivf"
-            nprobe = options.nprobe or max(1, round(len(centroids) * ivf.DEFAULT_PROBE_SHARE))
-            lists = ivf.nearest_lists(centroids, feature[None, :], nprobe)[0]
+            nprobe = options.nprobe or max(1, round(len(inverted) * ivf.DEFAULT_PROBE_SHARE))
+            lists = inverted.nearest(directed(inverted.probe(feature), head), nprobe)[0]
             rows = db.catalog.rows_of_lists(lists.tolist())
             if resident is not None:
                 best, scores = resident.rank(rows, feature, options, mean, head)
@@ -384,21 +389,27 @@ def search(
             n_searched = db.n_images()
     else:
         gating = gating or choose(db, probs, feature, members, options)
-        pooled = None if pool is None else pool.rank(gating.wnids, feature, options, mean, head)
+        rows = resident.gated_rows(db, gating) if resident is not None \
+            else gated_rows(gating, members)  # fmt: skip
+        pooled = None if pool is None else pool.rank(rows, feature, options, mean, head)
         if resident is not None:
-            rows = resident.category_rows(db, gating.wnids)
             best, scores = resident.rank(rows, feature, options, mean, head)
-            n_searched = len(rows)
         elif pooled is not None:
-            best, scores, n_searched = pooled
+            best, scores = pooled
         else:
-            rows = np.unique(np.concatenate([np.zeros(0, np.int64),
-                                             *(members[w] for w in gating.wnids)]))  # fmt: skip
             best, scores = rank_candidates(db, rows, feature, options, mean, head)
-            n_searched = len(rows)
+        n_searched = len(rows)
     found = [h for h in hits_at_rows(db, best, scores)
              if h.id != exclude_id and h.score >= options.min_score]  # fmt: skip
     return QueryResult(path, own, gating, n_searched, tuple(found[:wanted]), method)
+
+
+def gated_rows(gating: Gating, members: CategoryMembers) -> npt.NDArray[np.int64]:
+    """(r,) the sorted matrix rows a gated query searches, each once."""
+    if gating.lists:
+        return members.rows_of_lists(gating.lists)
+    return np.unique(np.concatenate([np.zeros(0, np.int64),
+                                     *(members[w] for w in gating.wnids)]))  # fmt: skip
 
 
 def rank_candidates(

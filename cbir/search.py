@@ -16,11 +16,14 @@ DEFAULT_QUERY_EXPANSION = 3  # +0.03..0.08 mAP, P@1 unchanged (docs/quality.md)
 
 @dataclass(frozen=True)
 class Gating:
-    """Which categories a query searches, and why."""
+    """What a gated query searches, and why: the lists of the database's inverted file
+    (cbir.db.ivf) where it has one, whole categories where it is too small for one."""
 
-    wnids: tuple[str, ...]  # best first
+    wnids: tuple[str, ...]  # the categories, best first (none when gated by lists)
     fell_back: bool  # none of the query's own top-k categories is in the database
-    order: str = "centroids"  # "centroids" (centred centroid cosine) or "probability"
+    order: str = "centroids"  # "centroids" (centred centroid cosine), "probability", "lists"
+    # or "all" (--all)
+    lists: tuple[int, ...] = ()  # the inverted lists, best first (order "lists")
 
 
 def choose_categories(

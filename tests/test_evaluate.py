@@ -236,3 +236,37 @@ def test_cli_evaluate_needs_exactly_one_source(capsys):
 
     assert main(["evaluate"]) == 1
     assert "either a labelled folder or --groups" in capsys.readouterr().err
+
+
+@needs_shared
+def test_cli_evaluate_db_gates_by_the_inverted_lists_as_query_does(tmp_path, capsys, monkeypatch,
+                                                                   lite0):
+    from cbir.cli import main
+    from cbir.db import ivf
+
+    monkeypatch.setattr(ivf, "IVF_MIN_IMAGES", 16)  # 20 images: 5 lists of about 4
+    labelled = tmp_path / "labelled"
+    for label in ("fruit", "vehicle", "musical_instrument"):
+        (labelled / label).mkdir(parents=True)
+        for image in sorted((EVALDATA / label).glob("*.jpg"))[:4]:
+            shutil.copy(image, labelled / label / image.name)
+    landscapes = sorted((TESTDATA / "photos" / "landscapes").glob("*.jpg"))[:8]
+    (tmp_path / "more").mkdir()
+    for image in landscapes:
+        shutil.copy(image, tmp_path / "more" / image.name)
+    db = tmp_path / "db"
+    assert main(["create-db", str(labelled), str(db), "--model", "efficientnet_lite0"]) == 0
+    assert main(["add", str(db), str(tmp_path / "more")]) == 0  # crosses 16: lists trained
+    capsys.readouterr()
+    n = 12 + len(landscapes)
+    argv = ["evaluate", str(labelled), "--db", str(db), "--json", "--min-candidates", "5"]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["gated_by"] == "lists" and result["n_images"] == n
+    assert 5 <= result["gated"]["rows_searched"] < result["exhaustive"]["rows_searched"] == n - 1
+    query = sorted((labelled / "fruit").glob("*.jpg"))[0]
+    assert main(["query", str(db), str(query), "--json", "--min-candidates", "5"]) == 0
+    found = json.loads(capsys.readouterr().out)
+    assert found["searched_categories"] == [] and found["searched_lists"]
+    assert 5 <= found["searched"] < n
+    assert found["results"][0]["paths"] == [str(query)]  # its own list comes first

@@ -210,7 +210,7 @@ def clustered_images(folder: Path, n: int, centres: np.ndarray, seed: int) -> li
     return images
 
 
-def test_an_inverted_file_is_trained_at_size_and_answers_all_queries(tmp_path, monkeypatch):
+def test_an_inverted_file_is_trained_at_size_and_gates_queries(tmp_path, monkeypatch):
     from cbir.db import check_database, ivf
     from cbir.db.database import CategoryMembers
     from cbir.query import QueryOptions, search
@@ -218,10 +218,12 @@ def test_an_inverted_file_is_trained_at_size_and_answers_all_queries(tmp_path, m
     monkeypatch.setattr(ivf, "IVF_MIN_IMAGES", 300)
     centres = np.random.default_rng(0).standard_normal((8, DIM))
     db = tmp_path / "db"
+    images_before = clustered_images(tmp_path / "src", 250, centres, seed=1) + \
+        clustered_images(tmp_path / "src", 100, centres, seed=2)  # fmt: skip
     with open_writer(db, SETTINGS) as writer:
-        writer.add_images(clustered_images(tmp_path / "src", 250, centres, seed=1))
+        writer.add_images(images_before[:250])
         assert writer.catalog.ivf_state() == (0, 0)  # too small yet
-        writer.add_images(clustered_images(tmp_path / "src", 100, centres, seed=2))
+        writer.add_images(images_before[250:])
         assert writer.catalog.ivf_state() == (1, 350)  # trained on crossing 300
         later = clustered_images(tmp_path / "src", 20, centres, seed=3)
         writer.add_images(later)  # assigned to lists at their commit
@@ -229,8 +231,24 @@ def test_an_inverted_file_is_trained_at_size_and_answers_all_queries(tmp_path, m
     assert [p.name for p in db.glob("ivf-*.npz")] == ["ivf-1.npz"]
     assert check_database(db) == []
     probs = np.zeros(1000, np.float32)
+    first = np.stack([i.feature for i in images_before]).astype(np.float16).astype(np.float64)
     with Database.open(db) as d:
+        inverted = d.ivf()
+        # its lists live in the space queries rank in: centred on the mean when trained
+        assert np.allclose(inverted.mean, first.mean(axis=0), atol=1e-6)
         members = CategoryMembers(d)
+        for image in later[:5]:  # gated queries walk the nearest lists to their budget
+            gated = search(d, image.source_path, probs, image.feature, CategoryMembers(d),
+                           QueryOptions(n_results=5, min_candidates=60))  # fmt: skip
+            assert gated.method == "gated" and gated.gating.order == "lists"
+            assert gated.gating.wnids == () and len(gated.gating.lists) > 1
+            assert 60 <= gated.n_searched < 370
+            assert gated.hits[0].id == image.image_id
+            in_lists = d.catalog.rows_of_lists(list(gated.gating.lists))
+            assert len(in_lists) == gated.n_searched
+            assert set(d.catalog.rows_of_lists(list(gated.gating.lists[:-1]))).isdisjoint(
+                d.catalog.rows_of_lists([gated.gating.lists[-1]]))
+            assert len(d.catalog.rows_of_lists(list(gated.gating.lists[:-1]))) < 60
         for image in later[:5]:
             approximate = search(d, image.source_path, probs, image.feature, members,
                                  QueryOptions(n_results=5, search_all=True))  # fmt: skip
@@ -242,3 +260,19 @@ def test_an_inverted_file_is_trained_at_size_and_answers_all_queries(tmp_path, m
     (db / "ivf-1.npz").unlink()  # check names it; repair trains it again
     assert any("ivf-1.npz is missing" in p for p in check_database(db))
     assert check_database(db, repair=True) and check_database(db) == []
+
+
+def test_check_trains_the_inverted_file_a_database_grown_without_one_lacks(tmp_path, monkeypatch):
+    from cbir.db import check_database, ivf
+
+    centres = np.random.default_rng(0).standard_normal((8, DIM))
+    db = tmp_path / "db"
+    with open_writer(db, SETTINGS) as writer:  # as an older cbir grew it: no lists
+        writer.add_images(clustered_images(tmp_path / "src", 320, centres, seed=1))
+    monkeypatch.setattr(ivf, "IVF_MIN_IMAGES", 300)
+    assert check_database(db) == ["the database holds 320 images and no inverted file, so "
+                                  "gated queries search whole categories"]  # fmt: skip
+    check_database(db, repair=True)
+    assert check_database(db) == []
+    with Database.open(db) as d:
+        assert d.catalog.ivf_state() == (1, 320) and d.catalog.unlisted(len(d.ivf())) == 0

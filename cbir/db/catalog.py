@@ -220,6 +220,20 @@ class Catalog:
         return self._sorted_rows("SELECT row FROM images WHERE list IN ({})",
                                  [int(x) for x in lists])  # fmt: skip
 
+    def rows_by_list(self, lists: Sequence[int]) -> dict[int, npt.NDArray[np.int64]]:
+        """list -> (m,) sorted matrix rows of its images, for a few lists in one read."""
+        found: dict[int, list[int]] = {int(x): [] for x in lists}
+        marks = ",".join("?" * len(found))
+        for lst, row in self._rows(f"SELECT list, row FROM images WHERE list IN ({marks}) "
+                                   "ORDER BY list, row", list(found)):  # fmt: skip
+            found[lst].append(row)
+        return {x: np.array(rows, np.int64) for x, rows in found.items()}
+
+    def lists_in_row_order(self) -> npt.NDArray[np.int64]:
+        """(n,) every image's inverted list (-1: none), in matrix row order (as all_rows)."""
+        return np.array([-1 if x is None else x for (x,) in
+                         self._rows("SELECT list FROM images ORDER BY row")], np.int64)  # fmt: skip
+
     def unlisted(self, n_lists: int) -> int:
         """Images without a valid inverted list (there should be none while one is in use)."""
         return int(self._one("SELECT count(*) FROM images WHERE list IS NULL OR list < 0 "

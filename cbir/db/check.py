@@ -224,9 +224,16 @@ class _Checker:
                 self.w.set_query_head(None, {})
 
     def _check_ivf(self) -> None:
-        """The inverted file in use is readable and lists every image."""
+        """The inverted file in use is readable and lists every image; a database large
+        enough for one has one (one grown by an older cbir may not)."""
         generation, _ = self.db.catalog.ivf_state()
         if generation == 0:
+            n = self.db.n_images()
+            if n >= ivf.IVF_MIN_IMAGES:
+                self.say(f"the database holds {n} images and no inverted file, so gated "
+                         "queries search whole categories", "trained")  # fmt: skip
+                if self.w is not None:
+                    self.w.train_ivf()
             return
         try:
             centroids = self.db.ivf()

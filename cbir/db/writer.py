@@ -199,10 +199,10 @@ class Writer:
         features = np.stack([i.feature for i in placed]).astype(np.float32).reshape(-1, dim)
         first_row = self._matrix_appender().append(features)
         rows = {img.image_id: first_row + n for n, img in enumerate(placed)}
-        centroids = self.db.ivf()
+        inverted = self.db.ivf()
         lists: list[int | None] = [None] * len(placed)
-        if centroids is not None:
-            lists = ivf.assign(centroids, features).tolist()
+        if inverted is not None:
+            lists = inverted.assign(features).tolist()
         os.sync()  # the copies and the matrix rows are durable before the commit point
         self._commit(
             images=[ImageRecord(i.image_id, i.sha256, stored_name(i.source_path, i.sha256),
@@ -280,8 +280,9 @@ class Writer:
             self.train_ivf()
 
     def train_ivf(self, seed: int = 1234) -> None:
-        """k-means on a sample of the live rows, the centroids written as the next IVF
-        generation, then every image's list set with that generation in one transaction."""
+        """k-means on a sample of the live rows centred on the database's mean, written as
+        the next IVF generation, then every image's list set with that generation in one
+        transaction."""
         generation, _ = self.catalog.ivf_state()
         ids, rows = self.catalog.all_rows()
         matrix = self.db.matrix()
@@ -289,13 +290,15 @@ class Writer:
         rng = np.random.default_rng(seed)
         sample_size = min(len(rows), n_lists * ivf.TRAIN_POINTS_PER_LIST)
         sample = np.sort(rng.choice(rows, sample_size, replace=False))
-        centroids = ivf.train(matrix.gather(sample), n_lists, seed)
-        ivf.write_centroids(self.db_dir / ivf.IVF_FILES.name(generation + 1), centroids)
+        centre = self.db.centre()
+        mean = np.zeros(self.settings.feature_dim, np.float32) if centre is None else centre.mean
+        inverted = ivf.InvertedFile.train(matrix.gather(sample), mean, n_lists, seed)
+        inverted.write(self.db_dir / ivf.IVF_FILES.name(generation + 1))
         lists = np.empty(len(rows), np.int64)
         block = 16384
         for start in range(0, len(rows), block):
             part = rows[start : start + block]
-            lists[start : start + block] = ivf.assign(centroids, matrix.gather(part))
+            lists[start : start + block] = inverted.assign(matrix.gather(part))
         self.catalog.set_lists(zip(rows.tolist(), lists.tolist(), strict=True), generation + 1,
                                len(rows))  # fmt: skip
         self._delete_other_generations(ivf.IVF_FILES, generation + 1)
