@@ -240,8 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--all",
         action="store_true",
         dest="search_all",
-        help="search every category, not only the predicted ones (approximate, through the "
-        "database's inverted file, once it holds 200,000 images)",
+        help="search every image, not only the nearest lists or categories (approximate, "
+        "through the database's inverted file, once it was trained on 200,000 images)",
     )
     p.add_argument(
         "--exact",

@@ -367,7 +367,8 @@ def search(
     method = "gated"
     if options.search_all:
         gating = Gating(tuple(sorted(members)), fell_back=False, order="all")
-        inverted = None if options.exact or centre is None else db.ivf()
+        inverted = None if options.exact or centre is None \
+            or db.catalog.ivf_state()[1] < ivf.APPROXIMATE_ALL_MIN_IMAGES else db.ivf()  # fmt: skip
         if inverted is not None:
             method = "ivf"
             nprobe = options.nprobe or max(1, round(len(inverted) * ivf.DEFAULT_PROBE_SHARE))

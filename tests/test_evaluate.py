@@ -270,3 +270,5 @@ def test_cli_evaluate_db_gates_by_the_inverted_lists_as_query_does(tmp_path, cap
     assert found["searched_categories"] == [] and found["searched_lists"]
     assert 5 <= found["searched"] < n
     assert found["results"][0]["paths"] == [str(query)]  # its own list comes first
+    assert main(["query", str(db), str(query), "--json", "--all"]) == 0
+    assert json.loads(capsys.readouterr().out)["search"] == "exact"  # approximate from 200k

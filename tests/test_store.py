@@ -216,6 +216,7 @@ def test_an_inverted_file_is_trained_at_size_and_gates_queries(tmp_path, monkeyp
     from cbir.query import QueryOptions, search
 
     monkeypatch.setattr(ivf, "IVF_MIN_IMAGES", 300)
+    monkeypatch.setattr(ivf, "APPROXIMATE_ALL_MIN_IMAGES", 300)
     centres = np.random.default_rng(0).standard_normal((8, DIM))
     db = tmp_path / "db"
     images_before = clustered_images(tmp_path / "src", 250, centres, seed=1) + \

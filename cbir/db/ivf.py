@@ -29,6 +29,7 @@ from cbir.db.files import GenerationFiles, damaged, load_npz, npz_writer, write_
 from cbir.features import normalise
 
 IVF_MIN_IMAGES = 10_000  # below this whole categories gate as well (97.9 % at 10k, 100 % at 1k)
+APPROXIMATE_ALL_MIN_IMAGES = 200_000  # `--all` is exact below (129 ms at 70k; bench/bench_db.py)
 RETRAIN_GROWTH = 4
 TRAIN_POINTS_PER_LIST = 40  # FAISS warns below 39
 DEFAULT_PROBE_SHARE = 1 / 32  # lists an approximate --all searches; recall@10 in bench/bench_db.py
