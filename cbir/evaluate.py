@@ -265,7 +265,7 @@ def evaluate_corpus(
     )  # fmt: skip
 
 
-def _by_lists(
+def gate_by_lists(
     inverted: InvertedFile, query_features: npt.NDArray[np.float32],
     head: npt.NDArray[np.float32] | None, min_candidates: int,
 ) -> ChooseCategories:
@@ -470,7 +470,7 @@ def _evaluate_db(db_dir: Path, labels: dict[str, str | None], options: RunOption
     choose: ChooseCategories | None = None
     if inverted is not None:  # gated as cbir query gates it: by the inverted lists
         memberships = [(f"list {x}",) for x in db.catalog.lists_in_row_order().tolist()]
-        choose = _by_lists(inverted, query_features, head, search.min_candidates)
+        choose = gate_by_lists(inverted, query_features, head, search.min_candidates)
     corpus = Corpus(
         labels=row_labels,
         features=stored_features,

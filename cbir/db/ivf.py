@@ -7,13 +7,13 @@ rank in); every image is assigned to its nearest centroid, and the catalog keeps
 number beside the image's row (so assignments are committed by the same transaction as the
 image). A gated query orders the lists by their centroid's cosine to its centred probe and
 takes their rows until it has its candidate budget; `--all` takes the `nprobe` nearest
-lists. On evaldata among 70,000 Fashion-MNIST images this keeps 99.7 % of the exhaustive mAP
-in 1.7 % of the rows, where whole categories kept 92.4 % in 2.8 % (docs/quality.md).
+lists. On evaldata among 70,000 Fashion-MNIST images this keeps 100.2 % of the exhaustive
+mAP in 1.7 % of the rows, where whole categories kept 92.4 % in 2.8 % (docs/quality.md).
 
 The centroids and the mean they are centred on are a plain array file, ivf-<generation>.npz;
 the catalog says which generation is in use. They are trained once the database holds
 IVF_MIN_IMAGES images and again whenever it has grown RETRAIN_GROWTH-fold since, so that the
-lists stay balanced as it grows (lists trained at a quarter of the size still kept 99.1 %).
+lists stay balanced as it grows (lists trained at a quarter of the size still keep 99.8 %).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import numpy.typing as npt
 from cbir.db.files import GenerationFiles, damaged, load_npz, npz_writer, write_atomic
 from cbir.features import normalise
 
-IVF_MIN_IMAGES = 10_000  # below this whole categories gate as well (97.9 % at 10k, 100 % at 1k)
+IVF_MIN_IMAGES = 10_000  # at 10k lists keep 99.7 %, whole categories 97.3 %; at 1k all 100 %
 APPROXIMATE_ALL_MIN_IMAGES = 200_000  # `--all` is exact below (129 ms at 70k; bench/bench_db.py)
 RETRAIN_GROWTH = 4
 TRAIN_POINTS_PER_LIST = 40  # FAISS warns below 39
