@@ -315,6 +315,8 @@ class ImageDatabase:
         with self._lock, db.catalog.snapshot():
             counts = {"images": db.n_images(), "paths": db.n_paths()}
             head = db.head_provenance()
+            generation, trained = db.catalog.ivf_state()
+            inverted = None if generation == 0 else {"lists": len(db.ivf()), "trained_on": trained}
             cats = self.categories()
         return {
             "db": str(db.db_dir), "backbone": s.backbone, "weights": s.weights,
@@ -322,7 +324,7 @@ class ImageDatabase:
             "link": s.link, "engine": s.engine, "precision": s.precision, "resize": s.resize,
             "format_version": FORMAT_VERSION, "created": db.manifest.created,
             "updated": db.manifest.updated, **counts, "disk_bytes": db.disk_bytes(),
-            "query_head": head,
+            "query_head": head, "inverted_file": inverted,
             "categories": [{"id": c.id, "name": c.name, "images": c.images} for c in cats],
         }  # fmt: skip
 

@@ -672,6 +672,10 @@ def cmd_info(args: argparse.Namespace) -> int:
                 "format_version", "created", "updated", "images", "paths"):  # fmt: skip
         print(f"{key:>14}: {info[key]}")
     print(f"{'disk':>14}: {info['disk_bytes'] / 1e6:.1f} MB")
+    inverted = info["inverted_file"]
+    print(f"{'inverted file':>14}: " + ("none: gated queries search whole categories" if inverted
+          is None else f"{inverted['lists']} lists, trained on {inverted['trained_on']} images; "
+          "gated queries walk them"))  # fmt: skip
     head = info["query_head"]
     print(f"{'query head':>14}: " + ("none (cbir train learns one)" if head is None else
           f"trained on {head.get('images')} images of {head.get('classes')} classes from "

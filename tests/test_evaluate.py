@@ -244,7 +244,7 @@ def test_cli_evaluate_db_gates_by_the_inverted_lists_as_query_does(tmp_path, cap
     from cbir.cli import main
     from cbir.db import ivf
 
-    monkeypatch.setattr(ivf, "IVF_MIN_IMAGES", 16)  # 20 images: 5 lists of about 4
+    monkeypatch.setattr(ivf, "IVF_MIN_IMAGES", 16)  # 19 images: 4 lists of about 5
     labelled = tmp_path / "labelled"
     for label in ("fruit", "vehicle", "musical_instrument"):
         (labelled / label).mkdir(parents=True)
@@ -272,3 +272,6 @@ def test_cli_evaluate_db_gates_by_the_inverted_lists_as_query_does(tmp_path, cap
     assert found["results"][0]["paths"] == [str(query)]  # its own list comes first
     assert main(["query", str(db), str(query), "--json", "--all"]) == 0
     assert json.loads(capsys.readouterr().out)["search"] == "exact"  # approximate from 200k
+    assert main(["info", str(db), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["inverted_file"] == {"lists": ivf.n_lists_for(n),
+                                                           "trained_on": n}
