@@ -31,7 +31,7 @@ from PIL import Image
 from cbir import categories
 from cbir.db import FORMAT_VERSION, Database
 from cbir.errors import BadImage, CbirError
-from cbir.images import DEFAULT_MAX_MEGAPIXELS, decode_rgb, model_input
+from cbir.images import DEFAULT_MAX_MEGAPIXELS, load_image, model_input
 from cbir.indexing import Callbacks, IndexOptions, IndexReport, Removal, index_paths
 from cbir.indexing import remove_sources as _remove_sources
 from cbir.indexing import sync as _sync
@@ -259,8 +259,8 @@ class ImageDatabase:
         else:
             label = Path(name or "<image>")
         if isinstance(image, bytes):
-            rgb = decode_rgb(label, size, image, options.max_megapixels)
-            return label, model_input(rgb, size, resize), content_id(image)
+            pixels = load_image(label, size, image, options.max_megapixels, resize)
+            return label, pixels, content_id(image)
         if isinstance(image, Image.Image):
             return label, model_input(image.convert("RGB"), size, resize), None
         array = np.asarray(image)
