@@ -14,6 +14,9 @@ re-encoded copies of them, up to 1024 px), with EfficientNet-Lite0:
   * an estimate for N nodes like this one: min(N x the Ray marginal rate, the writer's rate).
 
     python bench/bench_ray.py [-n 300] [--json FILE]      # about 5 minutes on 2 cores
+
+Ray's start-up varies by seconds; where 2n images take less than a few times that (-n 300 on a
+machine that indexes 250 img/s), take a larger -n.
 """
 
 from __future__ import annotations
@@ -146,6 +149,10 @@ def report(r: dict[str, Any]) -> str:
               f"decode, cbir.images.load_image: {r['decode_core_ms']:.2f} core-ms per photo "
               "(target <= 1)", "", "estimate for N nodes like this one "
               "(min(N x Ray marginal rate, writer)):"]  # fmt: skip
+    if ray["wall_s"][1] <= ray["wall_s"][0]:  # Ray's start-up varies by seconds
+        lines.append(f"  none: the {2 * r['n']}-image run was not slower than the {r['n']}-image "
+                     "one, so start-up noise hides the marginal rate; run with a larger -n")
+        return "\n".join(lines)
     for n in (1, 2, 4, 8, 16, 32, 64):
         rate = min(n * ray["marginal_rate"], r["writer_img_s"])
         lines.append(f"  {n:3d} nodes: {rate:.0f} img/s")
