@@ -277,3 +277,28 @@ def test_check_trains_the_inverted_file_a_database_grown_without_one_lacks(tmp_p
     assert check_database(db) == []
     with Database.open(db) as d:
         assert d.catalog.ivf_state() == (1, 320) and d.catalog.unlisted(len(d.ivf())) == 0
+
+
+def test_query_threads_never_share_a_candidate_buffer():
+    """The process reuses one candidate buffer (a fresh one's page faults cost more than a
+    gathered query): a thread gets it only while no other holds it, and candidates too large
+    for it get their own."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from cbir.query import SCRATCH_BYTES, _candidate_rows
+
+    with _candidate_rows(8, 10) as first:
+        with ThreadPoolExecutor(1) as pool:
+            other = pool.submit(lambda: _enter_and_report(8, 10)).result()
+        assert other is not first
+    with _candidate_rows(8, 10) as again:
+        assert again is first  # reused once released
+    with _candidate_rows(8, SCRATCH_BYTES) as large:
+        assert large is not first
+
+
+def _enter_and_report(dim: int, n: int) -> object:
+    from cbir.query import _candidate_rows
+
+    with _candidate_rows(dim, n) as rows:
+        return rows
