@@ -189,6 +189,29 @@ def test_removed_image_is_gone_from_results_and_disk(tmp_path, capsys):
     assert Database.open(db).n_images() == 1
 
 
+def test_a_removed_image_leaves_the_segments_it_shared(tmp_path, capsys):
+    """A near-duplicate shares chelsea's categories and segments: removing chelsea rewrites
+    them without its row and keeps the other's."""
+    src = copy_photos(tmp_path / "src", "animals/chelsea.jpg")
+    shutil.copy(TESTDATA / "near_duplicates" / "chelsea__rot5.jpg", src)
+    db = tmp_path / "db"
+    assert main(["create-db", str(src), str(db), *LITE0]) == 0
+    database = Database.open(db)
+    gone = database.catalog.path_record(str(src / "chelsea.jpg")).image_id
+    kept = database.catalog.path_record(str(src / "chelsea__rot5.jpg")).image_id
+    shared = [f for f in db.iterdir() if f.is_dir() and
+              {gone, kept} <= set(read_folder(f, database.settings.feature_dim).ids.tolist())]
+    assert shared  # the two share categories
+    assert main(["remove", str(db), str(src / "chelsea.jpg")]) == 0
+    for folder in shared:
+        ids = read_folder(folder, database.settings.feature_dim).ids.tolist()
+        assert ids == [kept]
+        assert not list(folder.glob("chelsea-*"))
+    capsys.readouterr()
+    assert main(["check", str(db)]) == 0
+    assert "problem" not in capsys.readouterr().out.lower()
+
+
 def test_sync_and_prune_drop_images_whose_source_was_deleted(tmp_path, capsys):
     src = copy_photos(
         tmp_path / "src", "animals/chelsea.jpg", "food/coffee.jpg", "vehicles/rocket.jpg"

@@ -115,12 +115,17 @@ class PathRecord:
 
 @dataclass(frozen=True)
 class Committed:
-    """What a commit changed: images added and dropped, the categories and matrix rows of the
-    dropped ones."""
+    """What a commit changed: images added and dropped, and the dropped ones' copies by
+    category (wnid -> {image id: stored name}), which the writer then takes out of the
+    category folders."""
 
     added: int
     dropped: int
-    dropped_from: set[str]
+    dropped_copies: dict[str, dict[int, str]]
+
+    @property
+    def dropped_from(self) -> set[str]:
+        return set(self.dropped_copies)
 
 
 class Catalog:
@@ -329,8 +334,7 @@ class Catalog:
         wnid_list = tuple(str(wnids).split())
         if not (
             isinstance(sha, str) and _SHA256.fullmatch(sha)
-            and isinstance(name, str) and _STORED_NAME.fullmatch(name)
-            and name not in (".", "..") and not name.startswith(".")
+            and _is_stored_name(name)
             and wnid_list and all(categories.is_wnid(w) for w in wnid_list)
             and len(set(wnid_list)) == len(wnid_list)
             and isinstance(probs, bytes) and len(probs) == 4 * len(wnid_list)
@@ -564,7 +568,7 @@ class Catalog:
                 key = os.fsencode(path)
                 displaced.update(_image_of(conn, key))
                 conn.execute("DELETE FROM paths WHERE path = ?", (key,))
-            dropped = _drop_unreferenced(conn, sorted(displaced))
+            dropped, copies = _drop_unreferenced(conn, sorted(displaced))
             if added or dropped:
                 if features_of is None:
                     raise ValueError("a commit that adds or drops images needs features_of")
@@ -572,7 +576,7 @@ class Catalog:
                 _add_to_sums(conn, dropped, features_of, -1)
             if matrix_rows is not None:
                 set_matrix_rows(conn, matrix_rows)
-            return Committed(len(added), len(dropped), {w for _, ws in dropped for w in ws})
+            return Committed(len(added), len(dropped), copies)
 
     def move_rows(self, new_rows: dict[int, int], generation: int, matrix_rows: int) -> None:
         """Point every image at its row of a rewritten matrix (image id -> row), and record
@@ -597,13 +601,13 @@ class Catalog:
         with self.transaction() as conn:
             ids = list(ids)
             conn.executemany("DELETE FROM paths WHERE image_id = ?", ((i,) for i in ids))
-            dropped = _drop_unreferenced(conn, ids)
+            dropped, copies = _drop_unreferenced(conn, ids)
             if features_of is not None:
                 _add_to_sums(conn, dropped, features_of, -1)
             elif dropped:
                 conn.execute("DELETE FROM feature_sums")
                 _bump_sums_version(conn)
-            return Committed(0, len(dropped), {w for _, ws in dropped for w in ws})
+            return Committed(0, len(dropped), copies)
 
     def sums_version(self) -> int:
         """Changes whenever the feature sums do (every commit that adds or drops images, a
@@ -795,13 +799,16 @@ def _count(conn: sqlite3.Connection, counts: Counter[str], sign: int) -> None:
 
 def _drop_unreferenced(
     conn: sqlite3.Connection, ids: list[int]
-) -> list[tuple[int, tuple[str, ...]]]:
-    """Drop the images among `ids` that no path points at; returns their (row, categories)."""
+) -> tuple[list[tuple[int, tuple[str, ...]]], dict[str, dict[int, str]]]:
+    """Drop the images among `ids` that no path points at; returns their (row, categories),
+    and their copies by category (wnid -> {image id: stored name})."""
     dropped: list[tuple[int, tuple[str, ...]]] = []
+    copies: dict[str, dict[int, str]] = {}
     for image_id in ids:
         if conn.execute("SELECT 1 FROM paths WHERE image_id = ? LIMIT 1", (image_id,)).fetchone():
             continue
-        found = conn.execute("SELECT wnids, row FROM images WHERE id = ?", (image_id,)).fetchone()
+        found = conn.execute("SELECT wnids, row, stored_name FROM images WHERE id = ?",
+                             (image_id,)).fetchone()  # fmt: skip
         if found is None:
             continue
         wnids, row = tuple(str(found[0]).split()), found[1]
@@ -809,8 +816,17 @@ def _drop_unreferenced(
         conn.executemany("DELETE FROM placements WHERE wnid = ? AND row = ? AND image_id = ?",
                          ((w, row, image_id) for w in wnids))  # fmt: skip
         dropped.append((row, wnids))
+        if _is_stored_name(found[2]):  # a damaged name is left for check to report
+            for wnid in filter(categories.is_wnid, wnids):
+                copies.setdefault(wnid, {})[image_id] = found[2]
     _count(conn, Counter(w for _, ws in dropped for w in ws), -1)
-    return dropped
+    return dropped, copies
+
+
+def _is_stored_name(name: object) -> bool:
+    """A stored copy's name: one plain, visible file name (catalog values are untrusted)."""
+    return (isinstance(name, str) and bool(_STORED_NAME.fullmatch(name))
+            and name not in (".", "..") and not name.startswith("."))  # fmt: skip
 
 
 SUM_BLOCK = 4096  # rows whose features are read at once to sum them

@@ -427,7 +427,7 @@ class Writer:
         n_before = self.n_images()
         done = self.catalog.commit(images, paths, forget, matrix_rows, self.features_of)
         self._n_images = n_before + done.added - done.dropped
-        self._pending_removals.update(done.dropped_from)
+        self._drop_copies(done.dropped_copies)
         if self._pending_removals:
             self._drop_uncommitted_rows(sorted(self._pending_removals))
             self._pending_removals.clear()
@@ -458,6 +458,32 @@ class Writer:
             is_folder = path.is_dir() and not path.is_symlink()
             if categories.is_wnid(wnid) and name == categories.folder_name(wnid) and is_folder:
                 yield wnid, path
+
+    def _drop_copies(self, dropped: dict[str, dict[int, str]]) -> None:
+        """Take images the catalog just dropped out of their category folders (wnid -> {image
+        id: stored name}): their rows out of the segments that hold them, their copies
+        deleted. Only these images are looked for, so a removal costs what it removes, not
+        what its categories hold (a crash in between leaves files the next writer's repair
+        sweeps)."""
+        dim = self.settings.feature_dim
+        for wnid, gone in sorted(dropped.items()):
+            folder = self.db.category_dir(wnid)
+            if not folder.is_dir() or folder.is_symlink():
+                continue
+            ids = np.fromiter(gone, np.int64, len(gone))
+            for seg in segments(folder)[0]:
+                held = load_npz(seg.path, ("ids",))["ids"]
+                dropping = np.isin(held, ids)
+                if dropping.all():
+                    seg.path.unlink()
+                elif dropping.any():
+                    write_atomic(seg.path, merging_writer([seg.path], dim, held[~dropping]))
+            for name in gone.values():
+                with contextlib.suppress(FileNotFoundError):
+                    (folder / name).unlink()
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # empty category folders go
+                self._folders.discard(folder)
 
     def _drop_uncommitted_rows(self, wnids: list[str] | None = None) -> None:
         """Remove segment rows, stored copies and leftovers the catalog does not list, in the
