@@ -465,52 +465,58 @@ class Writer:
         deleted. Only these images are looked for, so a removal costs what it removes, not
         what its categories hold (a crash in between leaves files the next writer's repair
         sweeps)."""
-        dim = self.settings.feature_dim
         for wnid, gone in sorted(dropped.items()):
             folder = self.db.category_dir(wnid)
             if not folder.is_dir() or folder.is_symlink():
                 continue
             ids = np.fromiter(gone, np.int64, len(gone))
-            for seg in segments(folder)[0]:
-                held = load_npz(seg.path, ("ids",))["ids"]
-                dropping = np.isin(held, ids)
-                if dropping.all():
-                    seg.path.unlink()
-                elif dropping.any():
-                    write_atomic(seg.path, merging_writer([seg.path], dim, held[~dropping]))
+            self._keep_segment_rows(folder, lambda held, ids=ids: ~np.isin(held, ids))
             for name in gone.values():
                 with contextlib.suppress(FileNotFoundError):
                     (folder / name).unlink()
-            with contextlib.suppress(OSError):
-                folder.rmdir()  # empty category folders go
-                self._folders.discard(folder)
+            self._remove_if_empty(folder)
 
     def _drop_uncommitted_rows(self, wnids: list[str] | None = None) -> None:
         """Remove segment rows, stored copies and leftovers the catalog does not list, in the
-        categories `wnids` (None: every category folder). Only the small columns are read;
-        a segment is rewritten (streaming its features) only when it holds such rows."""
+        categories `wnids` (None: every category folder)."""
         if wnids is None:
             folders = list(self.category_folders())
         else:
             folders = [(w, d) for w in wnids if (d := self.db.category_dir(w)).is_dir()]
-        dim = self.settings.feature_dim
         for wnid, folder in folders:
             records = self.catalog.images_in(wnid)
             committed = np.array([r.image_id for r in records], np.int64)
             wanted = {r.stored_name for r in records}  # in segments or still to be written
-            for seg in segments(folder)[0]:
-                small = load_npz(seg.path, ("ids",))
-                keep = np.isin(small["ids"], committed)
-                if keep.any():
-                    wanted.add(seg.path.name)
-                    if not keep.all():
-                        write_atomic(seg.path, merging_writer([seg.path], dim, committed))
+            wanted |= self._keep_segment_rows(folder, lambda held, c=committed: np.isin(held, c))
             for entry in os.scandir(folder):  # stale segments, copies and temporary files go
                 if entry.name not in wanted and not entry.is_dir(follow_symlinks=False):
                     os.unlink(entry.path)
-            with contextlib.suppress(OSError):
-                folder.rmdir()  # empty category folders go
-                self._folders.discard(folder)
+            self._remove_if_empty(folder)
+
+    def _keep_segment_rows(
+        self, folder: Path,
+        keep_of: Callable[[npt.NDArray[np.int64]], npt.NDArray[np.bool_]],
+    ) -> set[str]:
+        """Keep in each segment of `folder` the rows whose ids (n,) `keep_of` marks (n,) bool:
+        only the small columns are read, a segment is rewritten (streaming its features) only
+        when it loses rows, and deleted when it loses all. Returns the segments' names left."""
+        left = set()
+        for seg in segments(folder)[0]:
+            held = load_npz(seg.path, ("ids",))["ids"]
+            keep = keep_of(held)
+            if not keep.any():
+                seg.path.unlink()
+                continue
+            if not keep.all():
+                write_atomic(seg.path, merging_writer([seg.path], self.settings.feature_dim,
+                                                      held[keep]))  # fmt: skip
+            left.add(seg.path.name)
+        return left
+
+    def _remove_if_empty(self, folder: Path) -> None:
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # empty category folders go
+            self._folders.discard(folder)
 
     def repair(self) -> None:
         """Bring the files back in line with the catalog after an interrupted write."""
