@@ -33,6 +33,7 @@ def die() -> None:
 
 
 def install(point: str, nth: int) -> None:
+    category_files.MERGE_FANOUT, category_files.CLASS_BYTES = 2, 256  # 37 photos merge often
     calls = 0
 
     def due() -> bool:

@@ -13,11 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cbir.db import MANIFEST_NAME, Database, NewImage, Settings, open_writer
+from cbir.db import MANIFEST_NAME, Database, NewImage, Settings, category_files, open_writer
 from cbir.db import writer as writer_module
 from cbir.db.category_files import (
     FEATURE_BLOCK_ROWS,
+    SEALED_BYTES,
     CategoryRows,
+    merge_tail,
     merging_writer,
     read_folder,
     read_segment,
@@ -147,6 +149,58 @@ def test_readers_are_not_disturbed_by_a_writer_appending_and_merging(tmp_path):
     # row lost or doubled
     folder = next(p for p in db.iterdir() if p.name.startswith(WNIDS[0]))
     assert counts[-1] == 400 and len(read_folder(folder, DIM)) == 400
+
+
+@pytest.mark.parametrize("record_bytes", [3_000, 160_000, 1_300_000, 6_000_000])
+def test_a_row_is_merged_at_most_four_times_however_large_its_category_grows(record_bytes):
+    """Writes of the category files of one size (a row: 2.5 kB at 1280 features) follow the
+    merge policy for 2000 writes: a row is rewritten at most once per size class below the
+    sealed size, a sealed segment is never merged, and a folder keeps a few unsealed files."""
+    live: list[tuple[int, list[int]]] = []  # (bytes, the writes whose rows it holds)
+    merges_of = [0] * 2000
+    for write in range(2000):
+        live.append((record_bytes, [write]))
+        n = merge_tail([size for size, _ in live])
+        if n:
+            assert n >= 2 and all(size < SEALED_BYTES for size, _ in live[-n:])
+            held = [w for _, ws in live[-n:] for w in ws]
+            live[-n:] = [(sum(size for size, _ in live[-n:]), held)]
+            for w in held:
+                merges_of[w] += 1
+        assert merge_tail([size for size, _ in live]) == 0  # one call does the whole cascade
+        assert sum(size < SEALED_BYTES for size, _ in live) <= 24
+    assert max(merges_of) <= 4
+    assert record_bytes >= SEALED_BYTES or len(live) <= 2000 / 8  # it did merge
+
+
+def test_writes_of_the_category_files_merge_them_without_losing_a_row(tmp_path, monkeypatch):
+    """Many writes of the category files, with removals in between, through the writer's own
+    record of each folder's segments: every folder ends with exactly its committed rows, in
+    commit order, no leftover, and nothing more to merge. (Small classes and fan-out make
+    tiny segments merge often.)"""
+    monkeypatch.setattr(category_files, "MERGE_FANOUT", 2)
+    monkeypatch.setattr(category_files, "CLASS_BYTES", 256)
+    db = tmp_path / "db"
+    images = new_images(tmp_path / "src", 0, 300)
+    with open_writer(db, SETTINGS) as writer:
+        writer.record_every = 5
+        for start in range(0, 300, 5):
+            writer.add_images(images[start : start + 5])
+            if start % 50 == 45:  # one image of the last ten goes again
+                writer.remove_paths([str(images[start - 3].source_path)])
+            if start == 120:  # and a whole write's segment, in each folder
+                writer.remove_paths(str(img.source_path) for img in images[120:125])
+    kept = [img for i, img in enumerate(images) if i % 50 != 42 and not 120 <= i < 125]
+    with Database.open(db) as d:
+        for wnid in WNIDS:
+            folder = d.category_dir(wnid)
+            live, stale = segments(folder)
+            assert not stale and 1 < len(live) < 30, [seg.path.name for seg in live]
+            assert merge_tail([seg.path.stat().st_size for seg in live]) == 0
+            got = read_folder(folder, DIM)
+            assert got.ids.tolist() == [img.image_id for img in kept]
+            expected = np.stack([img.feature for img in kept]).astype(np.float16)
+            np.testing.assert_array_equal(got.features, expected)
 
 
 def database_with_removals(tmp_path: Path, n: int, removed: range) -> tuple[Path, list[NewImage]]:

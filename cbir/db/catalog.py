@@ -177,6 +177,14 @@ class Catalog:
         with self._lock:
             self._conn.close()
 
+    def keep_pages(self, mib: int) -> None:
+        """Let this connection cache up to `mib` MiB of pages (SQLite's default: 2). A
+        commit of 1024 images into a large catalog dirties a page of each random-keyed index
+        per image (the image id, the paths by image); with the default cache, pages spill and
+        are read again at every commit."""
+        with self._lock:
+            self._conn.execute(f"PRAGMA cache_size = {-1024 * int(mib)}")
+
     # -- reading ----------------------------------------------------------------------------
 
     def _rows(self, sql: str, params: Sequence[object] = ()) -> list[tuple]:

@@ -5,10 +5,12 @@ Each holds plain arrays (numpy.load(..., allow_pickle=False)): ids (r,) int64, f
 this category) and features (r, d) float16 (the rows of the search matrix). Source paths are
 not kept here: they live in the catalog only, so that results never show a stale one.
 
-A commit adds a segment to every category it touches, numbered one past the folder's highest,
-instead of rewriting the category: a commit costs its own rows. Segments are merged so that
-each is more than twice the size of all newer ones together (a few files per folder; a row is
-rewritten O(log n) times). A merge of lo..hi is named after that range: a segment inside
+A write of the category files adds a segment to every category it touches, numbered one past
+the folder's highest, instead of rewriting the category: it costs its own rows. Segments are
+merged by size class (`merge_tail`): MERGE_FANOUT segments of a class make one of the next, and
+a segment of SEALED_BYTES or more is never merged again, so a row is rewritten a bounded number
+of times however large its category grows (at most 4; a folder keeps its sealed segments and
+a few of each class below). A merge of lo..hi is named after that range: a segment inside
 another's range is a leftover of an interrupted merge, never read, and deleted by the next
 writer. Queries do not read these files (they read the search matrix); check, repair and the
 merges do, one folder at a time.
@@ -36,6 +38,9 @@ FEATURE_DTYPE = np.dtype("<f2")
 READ_ATTEMPTS = 20  # listings of a folder a reader tries while a writer merges
 FEATURE_BLOCK_ROWS = 512  # rows of a merged file's features in memory at a time
 COLUMNS = ("ids", "files", "probs", "features")
+MERGE_FANOUT = 8  # segments of one size class merged at a time
+CLASS_BYTES = 2 << 10  # size class 0: segments below MERGE_FANOUT times this
+SEALED_BYTES = 4 << 20  # never merged again (inside class 3: 1-8 MiB at the fan-out of 8)
 
 
 @dataclass(frozen=True)
@@ -97,6 +102,40 @@ def next_segment_number(folder: Path) -> int:
     """One past the highest commit number of a folder's segments, stale ones included."""
     live, stale = segments(folder)
     return max((seg.hi for seg in live + stale), default=0) + 1
+
+
+def merge_tail(sizes: list[int]) -> int:
+    """How many of a folder's newest segments to merge into one, given every live segment's
+    size in bytes (oldest first; a file's size stands for its rows: features are most of it);
+    0 for none.
+
+    Class c holds the sizes below CLASS_BYTES * MERGE_FANOUT ** (c + 1). When the newest
+    segments of a class and below hold MERGE_FANOUT of that class and together reach the next
+    class, they are merged (the result may complete the next class in turn: the merges of one
+    call are done as one). A sealed segment (SEALED_BYTES or more) ends the tail. Every merge
+    so moves its rows up a class: a row is rewritten at most once per class below the sealed
+    size (four), however large its category grows, and a write of the category files costs
+    the same at any database size (merging everything newer than the last segment more than
+    twice their size, the rule this replaces, rewrote a row once per tripling)."""
+    tail = [(size, 1) for size in sizes]  # (bytes, segments merged into it)
+    for size_class in range(_size_class(SEALED_BYTES) + 1):
+        n = same = 0
+        for size, _ in reversed(tail):
+            if size >= SEALED_BYTES or _size_class(size) > size_class:
+                break
+            n, same = n + 1, same + (_size_class(size) == size_class)
+        merged = tail[len(tail) - n :]
+        total = sum(size for size, _ in merged)
+        if same >= MERGE_FANOUT and _size_class(total) > size_class:
+            tail[len(tail) - n :] = [(total, sum(k for _, k in merged))]
+    return tail[-1][1] if tail and tail[-1][1] > 1 else 0
+
+
+def _size_class(size: int) -> int:
+    size_class, bound = 0, CLASS_BYTES * MERGE_FANOUT
+    while size >= bound:
+        size_class, bound = size_class + 1, bound * MERGE_FANOUT
+    return size_class
 
 
 def read_segment(path: Path, dim: int) -> CategoryRows:

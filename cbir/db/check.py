@@ -399,6 +399,8 @@ class _Checker:
     def _write_category(self, wnid: str, records: list[ImageRecord]) -> None:
         """The category's rows as one new segment from the matrix, replacing all others."""
         folder = self.db.category_dir(wnid)
+        assert self.w is not None
+        self.w.forget_segments(folder)
         if not records:  # nothing is left in it: its segments go, and the folder
             for seg in sum(segments(folder), []):
                 os.unlink(seg.path)
@@ -421,6 +423,8 @@ class _Checker:
         """Delete files in a category folder that nothing lists: orphan copies, temporaries."""
         if not folder.is_dir():
             return
+        assert self.w is not None
+        self.w.forget_segments(folder)
         wanted = {r.stored_name for r in records} | {s.path.name for s in segments(folder)[0]}
         for entry in os.scandir(folder):
             if entry.name in wanted or entry.is_dir(follow_symlinks=False):
