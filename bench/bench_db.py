@@ -46,7 +46,8 @@ TESTDATA = REPO.parent / "shared" / "testdata"
 MODEL = ["--model", "efficientnet_lite0"]
 REPEATS = 3  # CLI runs per measurement: median wall, largest peak RSS
 TARGETS = {"gated_20": 3.0, "all_1": 2.5, "rss_mb": 600.0,
-           "million_gated_ms": 50.0, "million_all_ms": 150.0, "million_rss_mb": 1536.0}  # fmt: skip
+           "million_gated_ms": 50.0, "million_all_ms": 150.0, "million_rss_mb": 1536.0,
+           "million_commit_growth": 1.5}  # fmt: skip  (flat: our reading, the issue gives none)
 
 
 def bench_arguments(doc: str) -> argparse.ArgumentParser:
@@ -253,8 +254,12 @@ def synthetic_queries(db_dir: Path, queries_file: Path) -> None:
     probs_of = [rng.dirichlet(np.ones(1000)).astype(np.float32) for _ in features]
     for key, options in (("gated", QueryOptions()), ("all_ivf", QueryOptions(search_all=True))):
         timed(options, features[0], probs_of[0])  # warm-up
-        runs = [timed(options, f, p) for f, p in zip(features[1:], probs_of[1:], strict=True)]
+        # The first pass reads rows the page cache may not hold (right after a build it holds
+        # what was written last); the second is a warm process, as `cbir serve` is.
+        first, runs = ([timed(options, f, p) for f, p in zip(features[1:], probs_of[1:],
+                                                             strict=True)] for _ in range(2))
         out[key] = {"ms": statistics.median(ms for ms, _ in runs),
+                    "first_pass_ms": statistics.median(ms for ms, _ in first),
                     "searched": statistics.mean(r.n_searched for _, r in runs)}  # fmt: skip
     exact_runs = [timed(QueryOptions(search_all=True, exact=True), f, p)
                   for f, p in zip(features[:10], probs_of[:10], strict=True)]  # fmt: skip
@@ -330,23 +335,28 @@ def report(r: dict[str, Any]) -> str:
     if "synthetic" in r:
         s = r["synthetic"]
         commits = s["commits"]
-        tenth = max(1, len(commits) // 10)
-        early = statistics.median(c["s"] / c["images"] for c in commits[1:tenth + 1])
-        late = statistics.median(c["s"] / c["images"] for c in commits[-tenth:])
+        tenths = [commits[len(commits) * t // 10 : len(commits) * (t + 1) // 10]
+                  for t in range(10)]  # fmt: skip
+        per_image = [sum(c["s"] for c in part) / sum(c["images"] for c in part)
+                     for part in tenths if part]  # fmt: skip  (merges included, amortised)
+        early, late = per_image[0], per_image[-1]
         lines += ["", f"Synthetic: {s['queries']['rows']} rows, {s['queries']['ivf_lists']} IVF "
                   f"lists, built in {s['build_s']:.0f} s",
                   f"  bulk commits of {commits[0]['images']}, ms per image (with category "
-                  f"files and merges): {1000 * early:.2f} in the first tenth, "
-                  f"{1000 * late:.2f} in the last (ratio {late / early:.2f})",
+                  f"files and merges) by tenth of the build: "
+                  + " ".join(f"{1000 * t:.2f}" for t in per_image)
+                  + f" (last / first {late / early:.2f}; the first precedes any merge)",
                   "  slowest commits: " + ", ".join(
                       f"{c['s']:.1f} s at {c['before']}" for c in
                       sorted(commits, key=lambda c: -c["s"])[:3]),
                   f"  gated query: {s['queries']['gated']['ms']:.1f} ms "
                   f"({s['queries']['gated']['searched']:.0f} rows; recall@10 against exact "
-                  f"search {s['queries'].get('gated_recall_at_10', float('nan')):.2f})",
+                  f"search {s['queries'].get('gated_recall_at_10', float('nan')):.2f})"
+                  + _first_pass(s["queries"]["gated"]),
                   f"  --all, IVF (default nprobe {s['queries']['default_nprobe']}): "
                   f"{s['queries']['all_ivf']['ms']:.1f} ms "
-                  f"({s['queries']['all_ivf']['searched']:.0f} rows)",
+                  f"({s['queries']['all_ivf']['searched']:.0f} rows)"
+                  + _first_pass(s["queries"]["all_ivf"]),
                   f"  --all --exact: {s['queries']['all_exact']['ms']:.0f} ms",
                   "  recall@10 of the IVF against exact search: " + ", ".join(
                       f"{k}: {v:.2f}" for k, v in s["queries"]["recall_at_10"].items()),
@@ -363,6 +373,10 @@ def report(r: dict[str, Any]) -> str:
              TARGETS["million_all_ms"], ""),
             ("1M: peak RSS of the query process, MB", s["max_rss_mb"],
              TARGETS["million_rss_mb"], ""),
+            ("1M: commit ms/image, last / second tenth", late / per_image[1],
+             TARGETS["million_commit_growth"], "x"),
+            ("1M: commit of 1024, full / empty database", s["probe"]["full"] / s["probe"]["fresh"],
+             TARGETS["million_commit_growth"], "x"),
         ]  # fmt: skip
     lines += ["", f"{'target':44}{'measured':>12}{'limit':>10}"]
     for label, value, limit, unit in checks:
@@ -428,6 +442,12 @@ def main() -> None:
     print(f"\n(benchmark took {results['total_s']:.0f} s)")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
+
+
+def _first_pass(timing: dict[str, float]) -> str:
+    if "first_pass_ms" not in timing:
+        return ""
+    return f"; the same queries' first pass: {timing['first_pass_ms']:.1f} ms"
 
 
 def synthetic(

@@ -151,8 +151,8 @@ def test_readers_are_not_disturbed_by_a_writer_appending_and_merging(tmp_path):
     assert counts[-1] == 400 and len(read_folder(folder, DIM)) == 400
 
 
-@pytest.mark.parametrize("record_bytes", [3_000, 160_000, 1_300_000, 6_000_000])
-def test_a_row_is_merged_at_most_four_times_however_large_its_category_grows(record_bytes):
+@pytest.mark.parametrize("record_bytes", [3_000, 160_000, 600_000, 2_000_000])
+def test_a_row_is_merged_at_most_three_times_however_large_its_category_grows(record_bytes):
     """Writes of the category files of one size (a row: 2.5 kB at 1280 features) follow the
     merge policy for 2000 writes: a row is rewritten at most once per size class below the
     sealed size, a sealed segment is never merged, and a folder keeps a few unsealed files."""
@@ -169,7 +169,7 @@ def test_a_row_is_merged_at_most_four_times_however_large_its_category_grows(rec
                 merges_of[w] += 1
         assert merge_tail([size for size, _ in live]) == 0  # one call does the whole cascade
         assert sum(size < SEALED_BYTES for size, _ in live) <= 24
-    assert max(merges_of) <= 4
+    assert max(merges_of) <= 3
     assert record_bytes >= SEALED_BYTES or len(live) <= 2000 / 8  # it did merge
 
 

@@ -9,7 +9,7 @@ A write of the category files adds a segment to every category it touches, numbe
 the folder's highest, instead of rewriting the category: it costs its own rows. Segments are
 merged by size class (`merge_tail`): MERGE_FANOUT segments of a class make one of the next, and
 a segment of SEALED_BYTES or more is never merged again, so a row is rewritten a bounded number
-of times however large its category grows (at most 4; a folder keeps its sealed segments and
+of times however large its category grows (at most 3; a folder keeps its sealed segments and
 a few of each class below). A merge of lo..hi is named after that range: a segment inside
 another's range is a leftover of an interrupted merge, never read, and deleted by the next
 writer. Queries do not read these files (they read the search matrix); check, repair and the
@@ -40,7 +40,8 @@ FEATURE_BLOCK_ROWS = 512  # rows of a merged file's features in memory at a time
 COLUMNS = ("ids", "files", "probs", "features")
 MERGE_FANOUT = 8  # segments of one size class merged at a time
 CLASS_BYTES = 2 << 10  # size class 0: segments below MERGE_FANOUT times this
-SEALED_BYTES = 4 << 20  # never merged again (inside class 3: 1-8 MiB at the fan-out of 8)
+SEALED_BYTES = 1 << 20  # never merged again: class 3 and up at the fan-out of 8 (400 rows of
+# 1280 float16 features; a category of 40k rows keeps 12-100 files)
 
 
 @dataclass(frozen=True)
@@ -114,7 +115,7 @@ def merge_tail(sizes: list[int]) -> int:
     class, they are merged (the result may complete the next class in turn: the merges of one
     call are done as one). A sealed segment (SEALED_BYTES or more) ends the tail. Every merge
     so moves its rows up a class: a row is rewritten at most once per class below the sealed
-    size (four), however large its category grows, and a write of the category files costs
+    size (three), however large its category grows, and a write of the category files costs
     the same at any database size (merging everything newer than the last segment more than
     twice their size, the rule this replaces, rewrote a row once per tripling)."""
     tail = [(size, 1) for size in sizes]  # (bytes, segments merged into it)
