@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from cbir.db import MANIFEST_NAME, Database, NewImage, Settings, category_files, open_writer
+from cbir.db import check as check_module
 from cbir.db import writer as writer_module
 from cbir.db.category_files import (
     FEATURE_BLOCK_ROWS,
@@ -25,6 +26,7 @@ from cbir.db.category_files import (
     read_segment,
     segments,
 )
+from cbir.db.check import check_database
 from cbir.db.files import write_atomic
 from cbir.errors import DatabaseError
 from cbir.query import exhaustive
@@ -201,6 +203,30 @@ def test_writes_of_the_category_files_merge_them_without_losing_a_row(tmp_path, 
             assert got.ids.tolist() == [img.image_id for img in kept]
             expected = np.stack([img.feature for img in kept]).astype(np.float16)
             np.testing.assert_array_equal(got.features, expected)
+
+
+def test_check_finds_a_feature_row_that_differs_from_the_matrix_and_repair_restores_it(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr(check_module, "COMPARE_ROWS", 7)  # the changed row is in a later block
+    db = tmp_path / "db"
+    with open_writer(db, SETTINGS) as writer:
+        writer.add_images(new_images(tmp_path / "src", 0, 40))
+    with Database.open(db) as d:
+        folder = d.category_dir(WNIDS[1])
+    [segment] = segments(folder)[0]
+    stored = read_segment(segment.path, DIM)
+    features = stored.features.copy()
+    features[30] = -features[30]
+    write_atomic(segment.path, CategoryRows(stored.ids, stored.files, stored.probs,
+                                            features).writer())  # fmt: skip
+    assert check_database(db) == [f"{folder}: features differ from the search matrix"]
+    assert check_database(db, repair=True) == [
+        f"{folder}: features differ from the search matrix; rewritten from the search matrix"]
+    assert check_database(db) == []
+    repaired = read_folder(folder, DIM)
+    order, stored_order = np.argsort(repaired.ids), np.argsort(stored.ids)
+    np.testing.assert_array_equal(repaired.features[order], stored.features[stored_order])
 
 
 def database_with_removals(tmp_path: Path, n: int, removed: range) -> tuple[Path, list[NewImage]]:

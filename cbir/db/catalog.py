@@ -837,7 +837,7 @@ def _is_stored_name(name: object) -> bool:
             and name not in (".", "..") and not name.startswith("."))  # fmt: skip
 
 
-SUM_BLOCK = 4096  # rows whose features are read at once to sum them
+SUM_BLOCK = 1024  # rows whose features are read at once to sum them (check: a few MB)
 
 
 def sum_features(

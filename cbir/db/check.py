@@ -28,6 +28,7 @@ from cbir.db.category_files import (
     CategoryRows,
     next_segment_number,
     read_folder,
+    read_segment,
     segments,
 )
 from cbir.db.database import Database
@@ -46,6 +47,7 @@ from cbir.errors import DatabaseError
 from cbir.hashing import image_id_of, stream_sha256
 
 FEATURE_TOLERANCE = 2e-3  # float16 rounding is below 1e-3 for unit-norm features
+COMPARE_ROWS = 1024  # a category's rows compared with the search matrix at a time (a few MB)
 
 
 def check_database(
@@ -304,9 +306,9 @@ class _Checker:
         by_id = {r.image_id: r for r in records}
         expected = {r.image_id for r in records if r.row < self.recorded}
         rows = None
-        rewrite = False
+        rewrite = differ = False
         try:
-            rows = read_folder(folder, self.dim)
+            rows, differ = self._read_and_compare(folder, by_id if matrix_ok else None)
         except FileNotFoundError:
             if expected:
                 self.say(f"{folder} has no features file", "rebuilt from the search matrix")
@@ -331,15 +333,10 @@ class _Checker:
                 self.say(f"{folder} lacks the feature rows of {len(missing)} images",
                          "restored from the search matrix")  # fmt: skip
                 rewrite = True
-            if matrix_ok and listed.any() and not rewrite:
-                ids = rows.ids[listed]
-                expected = db.matrix().gather(np.array([by_id[i].row for i in ids.tolist()]))
-                if np.abs(rows.features[listed].astype(np.float32) - expected).max() > (
-                    FEATURE_TOLERANCE
-                ):
-                    self.say(f"{folder}: features differ from the search matrix",
-                             "rewritten from the search matrix")  # fmt: skip
-                    rewrite = True
+            if differ and not rewrite:
+                self.say(f"{folder}: features differ from the search matrix",
+                         "rewritten from the search matrix")  # fmt: skip
+                rewrite = True
         for seg in segments(folder)[1]:
             self.leftover(seg.path)
         lost = self._check_copies(folder, records)
@@ -350,6 +347,33 @@ class _Checker:
             self._write_category(wnid, records)
         self._tidy_folder(folder, records)
         return lost
+
+    def _read_and_compare(
+        self, folder: Path, by_id: dict[int, ImageRecord] | None
+    ) -> tuple[CategoryRows, bool]:
+        """A folder's rows, oldest first, without their features (r, 0), and whether any row
+        of an image in `by_id` differs from its search-matrix row (None: not compared).
+        Streamed a segment, and COMPARE_ROWS rows of it, at a time: a large category's
+        features at once, as float32 and twice, were most of check's memory. Raises
+        FileNotFoundError when the folder has no segment, DatabaseError for a damaged one."""
+        live, _ = segments(folder)
+        if not live:
+            raise FileNotFoundError(folder / "features.*.npz")
+        parts, differ = [], False
+        for seg in live:
+            part = read_segment(seg.path, self.dim)
+            if by_id is not None and not differ:
+                which = np.flatnonzero(np.isin(part.ids, list(by_id)))
+                rows = np.array([by_id[i].row for i in part.ids[which].tolist()], np.int64)
+                for start in range(0, len(which), COMPARE_ROWS):
+                    block = slice(start, start + COMPARE_ROWS)
+                    stored = part.features[which[block]].astype(np.float32)
+                    gap = np.abs(np.subtract(stored, self.db.matrix().gather(rows[block]),
+                                             out=stored), out=stored)  # fmt: skip
+                    differ = differ or gap.max() > FEATURE_TOLERANCE
+            parts.append(CategoryRows(part.ids, part.files, part.probs,
+                                      np.zeros((len(part), 0), np.float16)))  # fmt: skip
+        return CategoryRows.concatenate(parts, 0), differ
 
     def _check_copies(self, folder: Path, records: list[ImageRecord]) -> set[int]:
         """Each image's stored copy in `folder`: present, and a regular file inside the
