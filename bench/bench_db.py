@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import shutil
 import statistics
@@ -46,6 +47,7 @@ TESTDATA = REPO.parent / "shared" / "testdata"
 MODEL = ["--model", "efficientnet_lite0"]
 REPEATS = 3  # CLI runs per measurement: median wall, largest peak RSS
 SMALL_COMMIT = 1024  # images in a commit of cbir create-db (its --commit-every)
+SMALL_SAMPLES = 3  # commits of SMALL_COMMIT whose median is one point of the commit curve
 TARGETS = {"gated_20": 3.0, "all_1": 2.5, "rss_mb": 600.0,
            "million_gated_ms": 50.0, "million_all_ms": 150.0, "million_rss_mb": 1536.0,
            "million_commit_growth": 1.5}  # fmt: skip  (flat: our reading, the issue gives none)
@@ -376,7 +378,9 @@ def report(r: dict[str, Any]) -> str:
                   f"empty database, {1000 * s['probe']['full']:.0f} ms into this one "
                   f"(ratio {s['probe']['full'] / s['probe']['fresh']:.2f})",
                   f"  cbir check: {s['check']['wall_s']:.0f} s, peak RSS "
-                  f"{s['check']['max_rss_mb']:.0f} MB (nan: not run; --check-synthetic)"]
+                  f"{s['check']['max_rss_mb']:.0f} MB"
+                  + (" (not run: --check-synthetic runs it)"
+                     if math.isnan(s["check"]["wall_s"]) else "")]
         checks += [
             ("1M: in-process gated query, ms", s["queries"]["gated"]["ms"],
              TARGETS["million_gated_ms"], ""),
@@ -387,10 +391,13 @@ def report(r: dict[str, Any]) -> str:
             ("1M: commit ms/image, last / second tenth", late / per_image[1],
              TARGETS["million_commit_growth"], "x"),
         ]  # fmt: skip
-        if small:
-            near_100k = min(small, key=lambda c: abs(c["before"] - 100_000))
-            checks.append(("1M: commit of 1024 at the end / at ~100k",
-                           small[-1]["s"] / near_100k["s"], TARGETS["million_commit_growth"], "x"))
+        if len(small) >= 2 * SMALL_SAMPLES + 1:
+            # one commit of 1024 moves by a third from run to run (write-back of the bulk commit
+            # before it), so three around 100k-250k are compared with the last three, by median
+            middle = statistics.median(c["s"] for c in small[1 : 1 + SMALL_SAMPLES])
+            end = statistics.median(c["s"] for c in small[-SMALL_SAMPLES:])
+            checks.append(("1M: commits of 1024, last 3 / 3 from ~100k", end / middle,
+                           TARGETS["million_commit_growth"], "x"))
     lines += ["", f"{'target':44}{'measured':>12}{'limit':>10}"]
     for label, value, limit, unit in checks:
         verdict = "PASS" if value <= limit else "FAIL"
