@@ -29,7 +29,7 @@ import numpy.typing as npt
 from PIL import Image
 
 from cbir import categories
-from cbir.db import FORMAT_VERSION, Database
+from cbir.db import FORMAT_VERSION, Database, ivf
 from cbir.errors import BadImage, CbirError
 from cbir.images import DEFAULT_MAX_MEGAPIXELS, load_image, model_input
 from cbir.indexing import Callbacks, IndexOptions, IndexReport, Removal, index_paths
@@ -316,7 +316,9 @@ class ImageDatabase:
             counts = {"images": db.n_images(), "paths": db.n_paths()}
             head = db.head_provenance()
             generation, trained = db.catalog.ivf_state()
-            inverted = None if generation == 0 else {"lists": len(db.ivf()), "trained_on": trained}
+            inverted = None if generation == 0 else {
+                "lists": len(db.ivf()), "trained_on": trained,
+                "new_rows": db.catalog.count_in_list(ivf.NEW_ROWS)}  # fmt: skip
             cats = self.categories()
         return {
             "db": str(db.db_dir), "backbone": s.backbone, "weights": s.weights,

@@ -675,7 +675,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     inverted = info["inverted_file"]
     print(f"{'inverted file':>14}: " + ("none: gated queries search whole categories" if inverted
           is None else f"{inverted['lists']} lists, trained on {inverted['trained_on']} images; "
-          "gated queries walk them"))  # fmt: skip
+          f"{inverted['new_rows']} new images not in a list yet; gated queries walk the lists "
+          "and search every new image"))  # fmt: skip
     head = info["query_head"]
     print(f"{'query head':>14}: " + ("none (cbir train learns one)" if head is None else
           f"trained on {head.get('images')} images of {head.get('classes')} classes from "

@@ -324,7 +324,7 @@ def choose(
     if inverted is not None and centre is not None:
         probe = directed(inverted.probe(feature), db.query_head())
         lists = members.lists_until(inverted.order(probe), options.min_candidates)
-        return Gating((), False, "lists", lists)
+        return Gating((), False, "lists", (ivf.NEW_ROWS, *lists))  # new rows: always searched
     wnids = categories.wnids()
     own = [wnids[i] for i in np.argsort(-probs)]
     fell_back = not any(w in members for w in own[: db.settings.top_k])
@@ -375,7 +375,7 @@ def search(
             method = "ivf"
             nprobe = options.nprobe or max(1, round(len(inverted) * ivf.DEFAULT_PROBE_SHARE))
             lists = inverted.nearest(directed(inverted.probe(feature), head), nprobe)[0]
-            rows = db.catalog.rows_of_lists(lists.tolist())
+            rows = db.catalog.rows_of_lists([ivf.NEW_ROWS, *lists.tolist()])
             if resident is not None:
                 best, scores = resident.rank(rows, feature, options, mean, head)
             else:

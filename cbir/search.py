@@ -23,7 +23,8 @@ class Gating:
     fell_back: bool  # none of the query's own top-k categories is in the database
     order: str = "centroids"  # "centroids" (centred centroid cosine), "probability", "lists"
     # or "all" (--all)
-    lists: tuple[int, ...] = ()  # the inverted lists, best first (order "lists")
+    lists: tuple[int, ...] = ()  # the inverted lists, best first (order "lists"), after the
+    # new rows (cbir.db.ivf.NEW_ROWS, -1), which a gate by lists always searches
 
 
 def choose_categories(

@@ -10,6 +10,9 @@ POINT is where the process kills itself on the N-th time it gets there:
   catalog     with a commit's rows written into the catalog's transaction, before COMMIT
               (the commit point; SQLite makes the commit itself atomic)
   manifest    just before the manifest is written (the catalog is already committed)
+  lists       with a new generation of the inverted file written, before the catalog uses it
+              (lists trained from 8 images, new rows covered past 2, so 37 photos train
+              them once and cover new rows several times)
 Nothing here is part of cbir: the kill is patched in from outside, as a power cut would be.
 """
 
@@ -25,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cbir.cli import main  # noqa: E402
-from cbir.db import catalog, category_files, matrix, writer  # noqa: E402
+from cbir.db import catalog, category_files, ivf, matrix, writer  # noqa: E402
 
 
 def die() -> None:
@@ -52,6 +55,18 @@ def install(point: str, nth: int) -> None:
             return real_copy(src, dst)
 
         writer.shutil.copyfile = copyfile
+        return
+
+    if point == "lists":
+        ivf.IVF_MIN_IMAGES, ivf.NEW_ROWS_MIN = 8, 2
+        real_write_lists = ivf.InvertedFile.write
+
+        def write_lists(self, path: Path) -> None:  # noqa: ANN001
+            real_write_lists(self, path)
+            if due():
+                die()
+
+        ivf.InvertedFile.write = write_lists
         return
 
     if point == "manifest":

@@ -8,6 +8,7 @@ import hashlib
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -307,8 +308,9 @@ def test_an_inverted_file_is_trained_at_size_and_gates_queries(tmp_path, monkeyp
         writer.add_images(images_before[250:])
         assert writer.catalog.ivf_state() == (1, 350)  # trained on crossing 300
         later = clustered_images(tmp_path / "src", 20, centres, seed=3)
-        writer.add_images(later)  # assigned to lists at their commit
+        writer.add_images(later)  # new rows until there are more than new_rows_limit
         assert writer.catalog.unlisted(ivf.n_lists_for(350)) == 0
+        assert writer.catalog.count_in_list(ivf.NEW_ROWS) == 20
     assert [p.name for p in db.glob("ivf-*.npz")] == ["ivf-1.npz"]
     assert check_database(db) == []
     probs = np.zeros(1000, np.float32)
@@ -322,14 +324,16 @@ def test_an_inverted_file_is_trained_at_size_and_gates_queries(tmp_path, monkeyp
             gated = search(d, image.source_path, probs, image.feature, CategoryMembers(d),
                            QueryOptions(n_results=5, min_candidates=60))  # fmt: skip
             assert gated.method == "gated" and gated.gating.order == "lists"
-            assert gated.gating.wnids == () and len(gated.gating.lists) > 1
-            assert 60 <= gated.n_searched < 370
+            assert gated.gating.wnids == () and len(gated.gating.lists) > 2
+            assert gated.gating.lists[0] == ivf.NEW_ROWS  # the 20 new rows, then lists
+            assert 80 <= gated.n_searched < 370
             assert gated.hits[0].id == image.image_id
             in_lists = d.catalog.rows_of_lists(list(gated.gating.lists))
             assert len(in_lists) == gated.n_searched
-            assert set(d.catalog.rows_of_lists(list(gated.gating.lists[:-1]))).isdisjoint(
-                d.catalog.rows_of_lists([gated.gating.lists[-1]]))
-            assert len(d.catalog.rows_of_lists(list(gated.gating.lists[:-1]))) < 60
+            walked = list(gated.gating.lists[1:])
+            assert set(d.catalog.rows_of_lists(walked[:-1])).isdisjoint(
+                d.catalog.rows_of_lists([walked[-1]]))
+            assert len(d.catalog.rows_of_lists(walked[:-1])) < 60
         for image in later[:5]:
             approximate = search(d, image.source_path, probs, image.feature, members,
                                  QueryOptions(n_results=5, search_all=True))  # fmt: skip
@@ -341,6 +345,59 @@ def test_an_inverted_file_is_trained_at_size_and_gates_queries(tmp_path, monkeyp
     (db / "ivf-1.npz").unlink()  # check names it; repair trains it again
     assert any("ivf-1.npz is missing" in p for p in check_database(db))
     assert check_database(db, repair=True) and check_database(db) == []
+
+
+def test_images_added_after_the_lists_were_trained_are_found_and_then_covered(tmp_path,
+                                                                             monkeypatch):
+    """A new kind of image arriving after the lists were trained is searched by every gated
+    query while it is new, and then gets lists of its own (issue 29: photos of a new kind
+    spread over lists trained without them were mostly not found)."""
+    from cbir.db import ivf
+    from cbir.db.database import CategoryMembers
+    from cbir.query import QueryOptions, search
+
+    monkeypatch.setattr(ivf, "IVF_MIN_IMAGES", 300)
+    monkeypatch.setattr(ivf, "NEW_ROWS_MIN", 40)
+    rng = np.random.default_rng(0)
+    old_kinds, new_kinds = rng.standard_normal((8, DIM)), rng.standard_normal((2, DIM))
+    db = tmp_path / "db"
+    with open_writer(db, SETTINGS) as writer:
+        writer.add_images(clustered_images(tmp_path / "src", 320, old_kinds, seed=1))
+        trained = len(writer.db.ivf())
+        arrived = clustered_images(tmp_path / "src", 30, new_kinds, seed=2)
+        writer.add_images(arrived)  # 30 new rows: at most 40 are kept before covering
+        assert writer.catalog.count_in_list(ivf.NEW_ROWS) == 30
+        assert writer.catalog.ivf_state() == (1, 320)
+    probs = np.zeros(1000, np.float32)
+    options = QueryOptions(n_results=10, min_candidates=40, query_expansion=0)
+
+    def found(d: Database, image: NewImage) -> tuple[list[int], list[int], int]:
+        gated = search(d, image.source_path, probs, image.feature, CategoryMembers(d), options)
+        exact = search(d, image.source_path, probs, image.feature, CategoryMembers(d),
+                       replace(options, search_all=True))  # fmt: skip
+        return [h.id for h in gated.hits], [h.id for h in exact.hits], gated.n_searched
+
+    with Database.open(db) as d:
+        for image in arrived[:4]:  # new, so searched by every gated query
+            gated, exact, searched = found(d, image)
+            assert gated == exact and searched < 200
+    with open_writer(db, SETTINGS) as writer:  # 15 more pass the limit: covered
+        more = clustered_images(tmp_path / "src", 15, new_kinds, seed=3)
+        writer.add_images(more)
+        assert writer.catalog.count_in_list(ivf.NEW_ROWS) == 0
+        assert writer.catalog.ivf_state() == (2, 320)  # a new generation, not a retraining
+        grown = writer.db.ivf()
+        assert len(grown) > trained  # lists of the new kind were added ...
+        assert writer.catalog.unlisted(len(grown)) == 0
+    assert [p.name for p in db.glob("ivf-*.npz")] == ["ivf-2.npz"]
+    with Database.open(db) as d:
+        lists = d.catalog.lists_in_row_order()
+        assert set(lists[320:].tolist()) >= set(range(trained, len(grown)))  # ... for them
+        assert set(lists[:320].tolist()) <= set(range(trained))  # the others kept theirs
+        for image in more[:4]:  # and gated queries walk them
+            gated, exact, searched = found(d, image)
+            assert gated[:5] == exact[:5] and searched < 200
+    assert check_database(db) == []
 
 
 def test_check_trains_the_inverted_file_a_database_grown_without_one_lacks(tmp_path, monkeypatch):

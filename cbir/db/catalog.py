@@ -43,7 +43,8 @@ CREATE TABLE images (         -- keyed by matrix row, which only grows: a commit
     stored_name TEXT NOT NULL,  -- name of its copies in its category folders
     wnids TEXT NOT NULL,        -- its categories, most probable first, space-separated
     probs BLOB NOT NULL,        -- their probabilities, little-endian float32
-    list INTEGER,               -- its inverted list (cbir.db.ivf), NULL before one is trained
+    list INTEGER,               -- its inverted list (cbir.db.ivf), NULL before one is trained,
+                                -- -1 while it is among the new rows
     classes BLOB NOT NULL       -- its TOP_CLASSES most probable classes: uint16 output indices,
                                 -- then float16 probabilities, little-endian (cbir find);
                                 -- empty for a catalog rebuilt from category files
@@ -102,7 +103,7 @@ class ImageRecord:
     wnids: tuple[str, ...]  # known ImageNet wnids (checked), most probable first
     probs: tuple[float, ...]  # their probabilities
     row: int  # its row of the search matrix
-    ivf_list: int | None = None  # its inverted list (written by the writer, not read back)
+    ivf_list: int | None = None  # its inverted list, -1 while new (written, not read back)
     top_classes: bytes = b""  # encode_classes(...) (written by the writer, not read back)
 
 
@@ -248,14 +249,25 @@ class Catalog:
                          self._rows("SELECT list FROM images ORDER BY row")], np.int64)  # fmt: skip
 
     def unlisted(self, n_lists: int) -> int:
-        """Images without a valid inverted list (there should be none while one is in use)."""
-        return int(self._one("SELECT count(*) FROM images WHERE list IS NULL OR list < 0 "
+        """Images without a valid inverted list, the new rows' (-1) aside (there should be
+        none while one is in use)."""
+        return int(self._one("SELECT count(*) FROM images WHERE list IS NULL OR list < -1 "
                              "OR list >= ?", (n_lists,)))  # type: ignore[arg-type]  # fmt: skip
 
-    def set_lists(self, rows: Iterable[tuple[int, int]], generation: int, trained: int) -> None:
-        """(row, list) of every image, and the IVF generation they belong to, in one commit."""
+    def count_in_list(self, lst: int) -> int:
+        """Images in inverted list `lst` (e.g. cbir.db.ivf.NEW_ROWS)."""
+        found = self._one("SELECT count(*) FROM images WHERE list = ?", (lst,))
+        return int(found)  # type: ignore[arg-type]
+
+    def set_lists(
+        self, rows: Iterable[tuple[int, int]], generation: int, trained: int,
+        only_these: bool = False,
+    ) -> None:
+        """(row, list) of every image (or, `only_these`, of some: the others keep theirs),
+        and the IVF generation they belong to, in one commit."""
         with self.transaction() as conn:
-            conn.execute("UPDATE images SET list = NULL")
+            if not only_these:
+                conn.execute("UPDATE images SET list = NULL")
             conn.executemany("UPDATE images SET list = ? WHERE row = ?",
                              ((lst, row) for row, lst in rows))  # fmt: skip
             conn.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",

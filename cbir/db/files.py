@@ -134,9 +134,12 @@ def npz_writer(**arrays: np.ndarray) -> Writing:
     return write
 
 
-def load_npz(path: Path, names: Iterable[str]) -> dict[str, np.ndarray]:
-    """Plain arrays from a .npz (never unpickled, never through a link). Raises
-    FileNotFoundError when it is missing, DatabaseError naming it when it is damaged."""
+def load_npz(
+    path: Path, names: Iterable[str], optional: Iterable[str] = ()
+) -> dict[str, np.ndarray]:
+    """Plain arrays from a .npz (never unpickled, never through a link); those of `optional`
+    only where present. Raises FileNotFoundError when it is missing, DatabaseError naming it
+    when it is damaged."""
     try:
         fd = open_regular(path)
     except FileNotFoundError:
@@ -145,6 +148,7 @@ def load_npz(path: Path, names: Iterable[str]) -> dict[str, np.ndarray]:
         raise damaged(path, f"not a regular file: {exc.strerror or exc}") from exc
     try:
         with open(fd, "rb") as f, np.load(f, allow_pickle=False) as npz:
-            return {name: npz[name] for name in names}
+            present = [name for name in optional if name in npz.files]
+            return {name: npz[name] for name in [*names, *present]}
     except DAMAGE as exc:
         raise damaged(path, exc) from exc

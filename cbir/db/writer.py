@@ -211,16 +211,14 @@ class Writer:
         features = np.stack([i.feature for i in placed]).astype(np.float32).reshape(-1, dim)
         first_row = self._matrix_appender().append(features)
         rows = {img.image_id: first_row + n for n, img in enumerate(placed)}
-        inverted = self.db.ivf()
-        lists: list[int | None] = [None] * len(placed)
-        if inverted is not None:
-            lists = inverted.assign(features).tolist()
+        # images join the new rows until the lists cover them (cbir.db.ivf)
+        new_list = None if self.catalog.ivf_state()[0] == 0 else ivf.NEW_ROWS
         os.sync()  # the copies and the matrix rows are durable before the commit point
         self._commit(
             images=[ImageRecord(i.image_id, i.sha256, stored_name(i.source_path, i.sha256),
-                                i.wnids, i.probs, rows[i.image_id], lst,
+                                i.wnids, i.probs, rows[i.image_id], new_list,
                                 encode_classes(i.top_classes, i.top_probs))
-                    for i, lst in zip(placed, lists, strict=True)],
+                    for i in placed],
             paths=[(str(i.source_path), PathRecord(i.image_id, i.size, i.mtime_ns))
                    for i in placed],
             matrix_rows=self._matrix_appender().next_row,
@@ -315,11 +313,31 @@ class Writer:
 
     def train_ivf_if_due(self) -> None:
         """Train the inverted file once the database is large enough for it, and again when
-        it has grown RETRAIN_GROWTH-fold since (rare: the cost is amortised over the adds)."""
+        it has grown RETRAIN_GROWTH-fold since (rare: the cost is amortised over the adds);
+        in between, cover the new rows once there are more than ivf.new_rows_limit."""
         generation, trained = self.catalog.ivf_state()
         n = self.n_images()
         if n >= ivf.IVF_MIN_IMAGES and (generation == 0 or n >= ivf.RETRAIN_GROWTH * trained):
             self.train_ivf()
+        elif generation and self.catalog.count_in_list(ivf.NEW_ROWS) > ivf.new_rows_limit(n):
+            self.cover_new_rows()
+
+    def cover_new_rows(self, seed: int = 1234) -> None:
+        """Put the new rows in lists (ivf.InvertedFile.cover): the grown inverted file is
+        written as the next generation, then their lists and that generation are committed
+        in one transaction, so a crash in between leaves the last generation in use (and an
+        orphan file the next writer deletes). Costs in proportion to the new rows: k-means
+        among at most ivf.NEW_ROWS_MAX rows, nothing read of the others."""
+        generation, trained = self.catalog.ivf_state()
+        inverted = self.db.ivf()
+        assert inverted is not None
+        rows = self.catalog.rows_of_lists([ivf.NEW_ROWS])
+        list_size = max(1, self.n_images() // len(inverted))
+        grown, lists = inverted.cover(self.db.matrix().gather(rows), list_size, seed)
+        grown.write(self.db_dir / ivf.IVF_FILES.name(generation + 1))
+        self.catalog.set_lists(zip(rows.tolist(), lists.tolist(), strict=True), generation + 1,
+                               trained, only_these=True)  # fmt: skip
+        self._delete_other_generations(ivf.IVF_FILES, generation + 1)
 
     def train_ivf(self, seed: int = 1234) -> None:
         """k-means on a sample of the live rows centred on the database's mean, written as
