@@ -21,16 +21,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality_grid import SHARED, describe, make_corpus  # noqa: E402
 from quality_scale import joined, subset  # noqa: E402
+from simulation import Corpus, SearchSettings, evaluate_corpus, gate_by_lists  # noqa: E402
 
 from cbir.db import ivf  # noqa: E402
-from cbir.evaluate import (  # noqa: E402
-    Corpus,
-    Evaluation,
-    SearchSettings,
-    evaluate_corpus,
-    gate_by_lists,
-    labels_from_folders,
-)
+from cbir.evaluate import Evaluation, labels_from_folders  # noqa: E402
 
 
 def row(name: str, gate: str, ev: Evaluation, seconds: float) -> str:

@@ -2,7 +2,7 @@
 
 Every image is described once with the embedded efficientnet_lite0 (class probabilities, GAP and
 GeM features; cached as .npz), then each configuration is a database simulated in memory by
-cbir.evaluate.evaluate_corpus: rows stored in their top-k categories, queries gated with
+bench/simulation.py's evaluate_corpus: rows stored in their top-k categories, queries gated with
 cbir.search.choose_categories (the function `cbir query` uses) or an experimental rule below,
 the query's own row left out.
 
@@ -34,15 +34,10 @@ import numpy.typing as npt
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from simulation import ChooseCategories, Corpus, SearchSettings, evaluate_corpus  # noqa: E402
+
 from cbir import categories  # noqa: E402
-from cbir.evaluate import (  # noqa: E402
-    ChooseCategories,
-    Corpus,
-    Evaluation,
-    SearchSettings,
-    evaluate_corpus,
-    labels_from_folders,
-)
+from cbir.evaluate import Evaluation, labels_from_folders  # noqa: E402
 from cbir.features import apply_whitening, learn_whitening  # noqa: E402
 
 SHARED = REPO.parent / "shared"

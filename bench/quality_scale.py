@@ -5,7 +5,7 @@ evaldata's 164 labelled photos among 0, 1,000, 10,000 and 70,000 Fashion-MNIST d
 small labelled sets alone, and Fashion-MNIST's 70,000 queried among themselves. The candidate
 budget (`--min-candidates`) is swept.
 
-Ranking and gating are cbir.evaluate.evaluate_corpus (what `cbir evaluate` runs) on features
+Ranking and gating are bench/simulation.py's evaluate_corpus (what `cbir evaluate` runs) on features
 described once by bench/quality_grid.py's cache:
 
     python bench/export_fashion_mnist.py /tmp/fm70k --per-class 6000 --split train
@@ -35,8 +35,9 @@ from quality_grid import (  # noqa: E402
     near_duplicate_labels,
     probability_rule,
 )
+from simulation import SearchSettings, evaluate_corpus  # noqa: E402
 
-from cbir.evaluate import SearchSettings, evaluate_corpus, labels_from_folders  # noqa: E402
+from cbir.evaluate import labels_from_folders  # noqa: E402
 
 BUDGETS = (250, 500, 1000, 2000)
 

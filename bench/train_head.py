@@ -4,7 +4,7 @@ docs/quality.md, and the measurement behind cbir.model.HEAD_ANCHOR.
 The head is trained with the product's own cbir.model.train_query_head (Keras, supervised
 contrastive, on frozen EfficientNet-Lite0 GAP features centred on the searched set's mean,
 with its rows as background as cbir.training takes them), then every set is scored
-exhaustively with the ranking `cbir query` uses (cbir.evaluate.evaluate_corpus: centred on
+exhaustively with the ranking `cbir query` uses (bench/simulation.py's evaluate_corpus: centred on
 the set's mean, query expansion 3), without and with the head:
 
 - evaldata split per class into halves: trained on one half, the other half queried among
@@ -35,8 +35,9 @@ import numpy.typing as npt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality_grid import SHARED, describe, near_duplicate_labels  # noqa: E402
+from simulation import Corpus, SearchSettings, evaluate_corpus  # noqa: E402
 
-from cbir.evaluate import Corpus, SearchSettings, evaluate_corpus, labels_from_folders  # noqa: E402
+from cbir.evaluate import labels_from_folders  # noqa: E402
 from cbir.features import normalise  # noqa: E402
 from cbir.model import HEAD_ANCHOR, head_epochs, train_query_head  # noqa: E402
 from cbir.training import BACKGROUND_PER_IMAGE, MAX_BACKGROUND  # noqa: E402

@@ -436,7 +436,12 @@ def result_json(result: QueryResult, shown: Callable[[object], str] = str) -> di
         "searched_lists": list(result.gating.lists),
         "searched": result.n_searched,
         "search": result.method,
-        "results": [{"path": shown(h.path), "score": round(h.score, 6), "id": h.id,
-                     "categories": list(h.categories), "paths": [shown(p) for p in h.paths]}
-                    for h in result.hits],
+        "results": [hit_json(h, shown) for h in result.hits],
     }  # fmt: skip
+
+
+def hit_json(hit: Hit, shown: Callable[[object], str] = str) -> dict[str, Any]:
+    """A hit as `cbir query --json` and `cbir find --json` print it."""
+    return {"path": shown(hit.path), "score": round(hit.score, 6),
+            "cosine": round(hit.cosine, 6), "id": hit.id, "categories": list(hit.categories),
+            "paths": [shown(p) for p in hit.paths]}  # fmt: skip

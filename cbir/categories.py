@@ -31,6 +31,12 @@ def wnids() -> list[str]:
     return [wnid for wnid, _ in class_index()]
 
 
+@lru_cache(maxsize=1)
+def index_by_wnid() -> dict[str, int]:
+    """wnid -> its output index."""
+    return {wnid: i for i, (wnid, _) in enumerate(class_index())}
+
+
 def is_wnid(value: object) -> bool:
     """Whether `value` is one of the 1000 class ids (a database's files are untrusted)."""
     return isinstance(value, str) and value in names_by_wnid()

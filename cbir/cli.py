@@ -231,7 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", type=Path, nargs="+")
     p.add_argument("-n", type=int, default=10, dest="n_results", help="results per query")
     p.add_argument("--min-score", type=float, default=-1.0, metavar="S",
-                   help="leave out results with a cosine score below S")
+                   help="leave out results whose plain cosine to the query is below S (the "
+                   "score they are ranked by is centred on the database's mean, so it moves "
+                   "as the database changes; the cosine does not)")
     p.add_argument("--exclude-self", action="store_true",
                    help="leave out the query's own content when the database holds it")
     p.add_argument("--json", action="store_true", help="one JSON object per query per line")
@@ -296,30 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     search_options(p)
     p.add_argument(
-        "--pca",
-        type=int,
-        nargs="?",
-        const=0,
-        metavar="DIM",
-        help="project features onto a PCA learned on the database (DIM: keep that many axes)",
-    )
-    p.add_argument(
-        "--no-centring",
-        action="store_true",
-        help="compare plain cosines and gate by class probability (what cbir did before "
-        "centring; for comparison)",
-    )
-    p.add_argument(
         "--no-head",
         action="store_true",
         help="with --db: rank without the query head 'cbir train' learned (for comparison)",
-    )
-    p.add_argument(
-        "--whiten-power",
-        type=float,
-        default=0.0,
-        metavar="P",
-        help="with --pca, scale each axis by variance**-P (0.5: PCA-whitening; default: 0)",
     )
     p.add_argument("--json", action="store_true", help="one JSON object")
     engine_options(p)
@@ -782,6 +763,7 @@ def cmd_map(args: argparse.Namespace) -> int:
 
 def cmd_find(args: argparse.Namespace) -> int:
     from cbir import categories
+    from cbir.api import hit_json
     from cbir.concepts import find
     from cbir.db import Database
 
@@ -795,9 +777,7 @@ def cmd_find(args: argparse.Namespace) -> int:
             "query": result.words,
             "concepts": [{"id": c.wnid, "name": c.word} for c in result.concepts],
             "classes": [{"id": w, "name": names[w]} for w in result.classes],
-            "results": [{"path": shown(h.path), "score": round(h.score, 6), "id": h.id,
-                         "categories": list(h.categories), "paths": [shown(p) for p in h.paths]}
-                        for h in result.hits],
+            "results": [hit_json(h, shown) for h in result.hits],
         }, ensure_ascii=False))  # fmt: skip
         return 0
     listed = ", ".join(names[w] for w in result.classes[:8])
@@ -913,12 +893,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if args.groups
         else evaluate.labels_from_folders(args.labelled_dir)
     )
-    search = evaluate.SearchSettings(
-        top_k=args.top_k, min_candidates=args.min_candidates,
-        query_expansion=args.query_expansion, centre=not args.no_centring,
-        pca=args.pca is not None,
-        pca_dim=args.pca or None, whiten_power=args.whiten_power,
-    )  # fmt: skip
+    search = evaluate.SearchSettings(top_k=args.top_k, min_candidates=args.min_candidates,
+                                     query_expansion=args.query_expansion)  # fmt: skip
     options = evaluate.RunOptions(
         backbone=args.model, weights=args.weights, pooling=args.pooling, engine=args.engine,
         precision=args.precision, search=search, use_head=not args.no_head,
@@ -933,14 +909,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(json.dumps(data))
         return 0
     s = ev.settings
-    extras = "" if s.centre else ", no centring"
+    extras = ""
     if report.gated_by == "lists":
         extras += ", gated by the inverted lists"
     if report.head is not None:
         extras += f", query head trained on {report.head.get('images', '?')} images"
     extras += f", query expansion {s.query_expansion}" if s.query_expansion else ""
-    if s.pca:
-        extras += f", PCA to {s.pca_dim or 'all'} axes, whitening power {s.whiten_power}"
     print(f"{ev.n_images} images, {ev.n_queries} queries, {ev.n_labels} labels "
           f"({report.backbone}, {report.pooling}, top-k {s.top_k}, "
           f"min-candidates {s.min_candidates}{extras})")  # fmt: skip

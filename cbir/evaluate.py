@@ -1,10 +1,12 @@
 """Retrieval quality, measured: metrics over rankings, and the runner behind `cbir evaluate`.
 
-Every image of a labelled set is a query against all the others (leave-one-out). Definitions,
-used everywhere in cbir:
+Every image of a labelled set is a query against all the others (leave-one-out), through the
+query path every front end takes (cbir.query.rank_described), by its stored feature: the
+image itself is left out of the results, and stays in the database's mean and in what its
+gate counts. Definitions, used everywhere in cbir:
 
 - ranking: the database rows in the order a search returns them, the query's own row removed;
-  rows the search never compared (outside the gated categories) are not in it.
+  rows the search never compared (outside the gated lists or categories) are not in it.
 - relevant: another image with the same label (class folder, or group of a --groups file).
 - AP (non-interpolated average precision): the sum, over the relevant images in the ranking, of
   the precision at each one's rank, divided by the number of relevant images in the database;
@@ -21,32 +23,19 @@ from __future__ import annotations
 import csv
 import os
 import tempfile
-from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 
-from cbir import categories
-from cbir.centring import MIN_IMAGES, directed, sums_by_category
-from cbir.db.ivf import InvertedFile
+from cbir.db import Database
+from cbir.db.database import CategoryMembers
 from cbir.errors import BadImage, CbirError
-from cbir.features import apply_whitening, learn_whitening, normalise
-from cbir.search import (
-    DEFAULT_MIN_CANDIDATES,
-    DEFAULT_QUERY_EXPANSION,
-    choose_categories,
-    top_matches,
-)
+from cbir.search import DEFAULT_MIN_CANDIDATES, DEFAULT_QUERY_EXPANSION
 
 TOP = 10  # depth of P@10, R@10 and the gating recall
-BATCH = 32  # images per forward pass when the queries are described
-
-# A gating rule: (query number q, an index into Corpus.queries; images per category, the query's
-# own row left out) -> the categories to search.
-ChooseCategories = Callable[[int, Mapping[str, npt.NDArray[np.int64]]], Sequence[str]]
 
 
 # -- metrics: pure functions of one ranking ---------------------------------------------------
@@ -83,33 +72,16 @@ def mean_average_precision(
     return float(np.mean(aps))
 
 
-# -- the collection under test and how it is searched -----------------------------------------
-
-
-@dataclass(frozen=True)
-class Corpus:
-    """A database under test: n rows, q of them also used as queries."""
-
-    labels: list[str | None]  # (n,) class or group of each row; None: distractor, never relevant
-    features: npt.NDArray[np.float32]  # (n, d) stored descriptors, rows unit-norm
-    memberships: list[tuple[str, ...]]  # (n,) the categories each row is stored in
-    queries: npt.NDArray[np.int64]  # (q,) row of each query image
-    query_features: npt.NDArray[np.float32]  # (q, d) the query images described at query time
-    query_probs: npt.NDArray[np.float32]  # (q, 1000) their class probabilities
+# -- what is measured ---------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class SearchSettings:
     """How queries are answered; the defaults are those of `cbir query`."""
 
-    top_k: int = 4  # the query's own categories (a database's top_k)
+    top_k: int = 4  # categories per image of a temporary database
     min_candidates: int = DEFAULT_MIN_CANDIDATES
-    query_expansion: int = DEFAULT_QUERY_EXPANSION  # m: expand with the top m, re-rank the rest
-    qe_alpha: float = 0.0  # weigh expansion rows by score**alpha (0: plain average)
-    centre: bool = True  # compare centred on the database's mean, gate by centroids (cbir.centring)
-    pca: bool = False  # project onto a PCA learned on the corpus's own rows (cbir.features)
-    pca_dim: int | None = None  # keep this many axes (None: all)
-    whiten_power: float = 0.0  # scale axis i by variance_i ** -power (0.5: PCA-whitening)
+    query_expansion: int = DEFAULT_QUERY_EXPANSION
 
 
 @dataclass(frozen=True)
@@ -121,8 +93,8 @@ class Scores:
     p_at_5: float
     p_at_10: float
     r_at_10: float
-    rows_searched: float  # mean rows compared per query, its own row not counted
-    rows_share: float  # rows_searched over the rows a query could be compared with (n - 1)
+    rows_searched: float  # mean rows compared per query (its own row among them)
+    rows_share: float  # rows_searched over the database's images
     no_relevant: float  # share of queries whose searched rows held no relevant image
 
 
@@ -135,6 +107,8 @@ class Evaluation:
     gated: Scores
     exhaustive: Scores
     top10_kept: float  # gating recall: share of the exhaustive top-10 the gated search returns
+    # image id of each query -> the ids of its gated top 10, as cbir query ranks them
+    top10: dict[int, tuple[int, ...]] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def map_ratio(self) -> float:
@@ -143,12 +117,13 @@ class Evaluation:
 
     def to_json(self) -> dict:
         data = asdict(self)
+        data.pop("top10")
         data["map_ratio"] = self.map_ratio
         return data
 
 
 @dataclass
-class _Tally:
+class Tally:
     """Per-query values of one way of searching, summed into Scores at the end."""
 
     ap: list[float]
@@ -161,7 +136,7 @@ class _Tally:
     top: list[npt.NDArray[np.int64]]
 
     @classmethod
-    def new(cls) -> _Tally:
+    def new(cls) -> Tally:
         return cls([], [], [], [], [], [], [], [])
 
     def add(
@@ -184,155 +159,62 @@ class _Tally:
         return Scores(
             float(np.mean(self.ap)), float(np.mean(self.p1)), float(np.mean(self.p5)),
             float(np.mean(self.p10)), float(np.mean(self.r10)), rows,
-            rows / max(n_rows - 1, 1), float(np.mean(self.none_relevant)),
+            rows / max(n_rows, 1), float(np.mean(self.none_relevant)),
         )  # fmt: skip
 
 
-def evaluate_corpus(
-    corpus: Corpus, settings: SearchSettings, choose: ChooseCategories | None = None,
-    head: npt.NDArray[np.float32] | None = None,
+def evaluate_db(
+    db: Database, labels: Mapping[int, str], settings: SearchSettings, use_head: bool = True
 ) -> Evaluation:
-    """Run every query gated and exhaustively, ranked as `cbir query` ranks a database (plus
-    the optional PCA and query expansion of the settings; with a database's query `head`
-    (d, d) from `cbir train`, which maps centred queries).
+    """Every labelled image of `db` (image id -> label) queried against the database, gated
+    and exhaustively, through cbir.query.rank_described: the path `cbir query`, the API and
+    the server take, by the image's stored feature, the image itself left out. Each ranking
+    holds every row the search compared, so mAP counts every relevant image it found.
+    Queries without another image of their label are left out."""
+    from cbir.query import QueryOptions, ResidentMatrix, rank_described, stored_query
 
-    As if the query were not in the database, its own row is left out of everything: of the
-    ranking, of the category sizes that gating counts, and of the mean and category
-    centroids that centring uses. Gating uses `choose` (default: the categories by centred
-    centroid cosine, or by class probability without centring, widened by
-    cbir.search.choose_categories to min_candidates images). Queries without a relevant
-    image are left out.
-    """
-    n = len(corpus.labels)
-    features, query_features = corpus.features, corpus.query_features
-    if settings.pca:
-        whitening = learn_whitening(features, settings.pca_dim, settings.whiten_power)
-        features = apply_whitening(whitening, features)
-        query_features = apply_whitening(whitening, query_features)
-    centring = _Centring(corpus, features) if settings.centre and not settings.pca \
-        and n > MIN_IMAGES else None  # fmt: skip
-    if centring is None:
-        head = None  # a head is learned on centred features
-    wnids = categories.wnids()
-    rows_of: dict[str, list[int]] = {}
-    for row, member in enumerate(corpus.memberships):
-        for wnid in member:
-            if wnid:
-                rows_of.setdefault(wnid, []).append(row)
-    members = {w: np.array(r, np.int64) for w, r in rows_of.items()}
-    labels = np.array([label or "" for label in corpus.labels], dtype=object)
-    gated, exhaustive = _Tally.new(), _Tally.new()
-    n_labels = len({label for label in corpus.labels if label is not None})
-    for i, row in enumerate(corpus.queries):
-        label = corpus.labels[row]
-        if label is None:
-            continue
-        relevant = labels == label
-        relevant[row] = False
-        if not relevant.any():
-            continue
-        query = query_features[i]
-        mean, mean_dots, order = None, None, None
-        if centring is not None:
-            mean, mean_dots, order = centring.without(int(row), query, head)
-        else:
-            order = [wnids[j] for j in np.argsort(-corpus.query_probs[i])]
-        everything = np.ones(n, bool)
-        everything[row] = False
-        exhaustive.add(_rank(query, features, everything, settings, mean, mean_dots, head),
-                       relevant, n - 1)  # fmt: skip
-        available = dict(members)  # as if the query were not in the database
-        for wnid in set(corpus.memberships[row]) - {""}:
-            available[wnid] = members[wnid][members[wnid] != row]
-            if not len(available[wnid]):
-                del available[wnid]
-        searched = np.zeros(n, bool)
-        chosen = choose(i, available) if choose is not None else \
-            choose_categories(order, available, settings.min_candidates)  # fmt: skip
-        for wnid in chosen:
-            searched[members[wnid]] = True
-        searched[row] = False
-        gated.add(_rank(query, features, searched, settings, mean, mean_dots, head), relevant,
-                  int(searched.sum()))  # fmt: skip
-    if not gated.ap:
-        raise CbirError("no query has a relevant image: every label needs at least two images")
-    kept = [
-        len(np.intersect1d(g, e)) / len(e) for g, e in zip(gated.top, exhaustive.top, strict=True)
-    ]
+    with db.catalog.snapshot():
+        n = db.n_images()
+        options = QueryOptions(n_results=n, min_candidates=settings.min_candidates,
+                               query_expansion=settings.query_expansion,
+                               use_head=use_head)  # fmt: skip
+        resident = ResidentMatrix(db.settings.feature_dim) if ResidentMatrix.fits(db) else None
+        if resident is not None:
+            resident.refresh(db)
+        members = CategoryMembers(db)
+        records = {i: db.image(i) for i in labels}
+        label_of_row = np.full(db.matrix().n_rows, "", dtype=object)
+        for image_id, record in records.items():
+            if record is not None:
+                label_of_row[record.row] = labels[image_id]
+        gated, exhaustive = Tally.new(), Tally.new()
+        queried: list[int] = []
+        for image_id, record in records.items():
+            if record is None:
+                continue
+            relevant = label_of_row == labels[image_id]
+            relevant[record.row] = False
+            if not relevant.any():
+                continue
+            probs, feature = stored_query(db, record)
+            for tally, search_all in ((gated, False), (exhaustive, True)):
+                found = rank_described(db, probs, feature, members,
+                                       replace(options, search_all=search_all, exact=True),
+                                       resident=resident, exclude_id=image_id)  # fmt: skip
+                tally.add(found.ranked.positions, relevant, found.n_searched)
+            queried.append(image_id)
+        if not queried:
+            raise CbirError("no query has a relevant image: every label needs at least two images")
+        ids_of = db.catalog.ids_of_rows(np.concatenate(gated.top).tolist())
+    kept = [len(np.intersect1d(g, e)) / max(len(e), 1)
+            for g, e in zip(gated.top, exhaustive.top, strict=True)]  # fmt: skip
     return Evaluation(
-        n_images=n, n_queries=len(gated.ap), n_labels=n_labels, settings=settings,
-        gated=gated.scores(n), exhaustive=exhaustive.scores(n), top10_kept=float(np.mean(kept)),
+        n_images=n, n_queries=len(queried), n_labels=len(set(labels.values())),
+        settings=settings, gated=gated.scores(n), exhaustive=exhaustive.scores(n),
+        top10_kept=float(np.mean(kept)),
+        top10={q: tuple(ids_of[r] for r in top.tolist())
+               for q, top in zip(queried, gated.top, strict=True)},
     )  # fmt: skip
-
-
-def gate_by_lists(
-    inverted: InvertedFile, query_features: npt.NDArray[np.float32],
-    head: npt.NDArray[np.float32] | None, min_candidates: int,
-) -> ChooseCategories:
-    """Gating by a database's inverted lists, as cbir.query gates: the lists by centroid
-    cosine to the (mapped) probe, until they hold min_candidates images. The centroids were
-    trained on a sample that may hold the query's own row: one of about 40 per list."""
-
-    def choose(q: int, available: Mapping[str, npt.NDArray[np.int64]]) -> Sequence[str]:
-        probe = directed(inverted.probe(query_features[q]), head)
-        order = [f"list {x}" for x in inverted.order(probe).tolist()]
-        return choose_categories(order, available, min_candidates)
-
-    return choose
-
-
-class _Centring:
-    """The corpus's feature sums, overall and per category, from which each query's mean and
-    centroids are made without its own row (as the catalog's sums would be)."""
-
-    def __init__(self, corpus: Corpus, features: npt.NDArray[np.float32]) -> None:
-        self.corpus, self.features = corpus, features
-        f64 = features.astype(np.float64)
-        self.total = f64.sum(axis=0)
-        self.sums = sums_by_category(f64, [tuple(w for w in m if w) for m in corpus.memberships])
-        self.sums.pop("", None)
-        self.wnids = sorted(self.sums)
-        self.sizes = Counter(w for m in corpus.memberships for w in m if w)
-        self.total_dots = features @ self.total.astype(np.float32)  # (n,) x . sum
-
-    def without(
-        self, row: int, query: npt.NDArray[np.float32], head: npt.NDArray[np.float32] | None
-    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], list[str]]:
-        """(mean (d,), features @ mean (n,), categories by centroid) with `row` left out;
-        the centroids are compared with the centred query mapped by `head`, if given."""
-        n = len(self.features)
-        own_feature = self.features[row].astype(np.float64)
-        mean = (self.total - own_feature) / (n - 1)
-        mean_dots = (self.total_dots - self.features @ self.features[row]) / (n - 1)
-        own = set(self.corpus.memberships[row])
-        kept, means = [], []
-        for wnid in self.wnids:
-            size = self.sizes[wnid] - (wnid in own)
-            if size > 0:
-                kept.append(wnid)
-                means.append((self.sums[wnid] - own_feature * (wnid in own)) / size)
-        centroids = normalise(np.array(means) - mean) if kept else np.zeros((0, len(mean)))
-        centred_query = directed(normalise(query - mean.astype(np.float32)), head)
-        order = np.argsort(-(centroids @ centred_query), kind="stable")
-        return mean.astype(np.float32), mean_dots.astype(np.float32), [kept[j] for j in order]
-
-
-def _rank(
-    query: npt.NDArray[np.float32],
-    features: npt.NDArray[np.float32],
-    searched: npt.NDArray[np.bool_],
-    settings: SearchSettings,
-    mean: npt.NDArray[np.float32] | None = None,
-    mean_dots: npt.NDArray[np.float32] | None = None,
-    head: npt.NDArray[np.float32] | None = None,
-) -> npt.NDArray[np.int64]:
-    """All searched rows (mask (n,)), best first, ranked exactly as `cbir query` ranks them."""
-    rows = np.flatnonzero(searched)
-    order, _ = top_matches(
-        query, features[rows], len(rows), settings.query_expansion, settings.qe_alpha,
-        mean, None if mean_dots is None else mean_dots[rows], head,
-    )  # fmt: skip
-    return rows[order]
 
 
 # -- labels ------------------------------------------------------------------------------------
@@ -379,7 +261,7 @@ def labels_from_csv(groups_file: Path) -> dict[str, str | None]:
     return labels
 
 
-# -- the runner: database, model, corpus ------------------------------------------------------
+# -- the runner: a database, temporary or given ---------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -408,8 +290,8 @@ def run_evaluation(
     distractors: Path | None = None,
 ) -> RunReport:
     """Index the labelled images (and the images under `distractors`, unlabelled) into a
-    temporary database, or use `db_dir`, then evaluate every labelled image against the rest
-    through the database's stored rows."""
+    temporary database, or use `db_dir`, then query every labelled image against the rest
+    (evaluate_db)."""
     if db_dir is not None:
         return _evaluate_db(db_dir, labels, options)
     from cbir.indexing import IndexOptions, index_paths
@@ -429,58 +311,25 @@ def run_evaluation(
 
 
 def _evaluate_db(db_dir: Path, labels: dict[str, str | None], options: RunOptions) -> RunReport:
-    from cbir.images import load_image
-    from cbir.query import QueryOptions, open_for_query
-
-    query_options = QueryOptions(engine=options.engine, precision=options.precision)
-    db, model = open_for_query(db_dir, query_options, options.backbone, options.weights)
-    records = {r.image_id: r for r in db.images()}
-    ids, matrix_rows = db.catalog.all_rows()
-    stored_features = db.matrix().gather(matrix_rows)
-    paths_of: dict[int, list[str]] = {}
-    for path, rec in db.paths():
-        paths_of.setdefault(rec.image_id, []).append(path)
-    row_labels: list[str | None] = []
-    for image_id in ids.tolist():
-        found = [labels[p] for p in paths_of.get(image_id, []) if p in labels]
-        row_labels.append(next((label for label in found if label is not None), None))
-    indexed = {p for image_id, ps in paths_of.items() if image_id in records for p in ps}
-    queries = np.array([i for i, label in enumerate(row_labels) if label is not None], np.int64)
-    if len(queries) == 0:
-        raise CbirError(f"none of the labelled images is in the database {db_dir}")
-    probs, features = [], []
-    size = model.backbone.input_size
-    for start in range(0, len(queries), BATCH):
-        batch = []
-        for row in queries[start : start + BATCH]:
-            stored = db.stored_path(records[int(ids[row])])
-            batch.append(load_image(stored, size, resize=db.settings.resize))
-        described = model.describe(np.stack(batch))
-        probs.append(described.probs)
-        features.append(described.features[db.settings.pooling])
-    search = options.search
-    if search.top_k != db.settings.top_k:
-        search = SearchSettings(**{**asdict(search), "top_k": db.settings.top_k})
-    # the head maps centred queries: used where evaluate_corpus centres
-    centred = search.centre and not search.pca and len(ids) > MIN_IMAGES
-    head = db.query_head() if centred and options.use_head else None
-    query_features = np.concatenate(features)
-    inverted = db.ivf() if centred else None
-    memberships = [records[i].wnids for i in ids.tolist()]
-    choose: ChooseCategories | None = None
-    if inverted is not None:  # gated as cbir query gates it: by the inverted lists
-        memberships = [(f"list {x}",) for x in db.catalog.lists_in_row_order().tolist()]
-        choose = gate_by_lists(inverted, query_features, head, search.min_candidates)
-    corpus = Corpus(
-        labels=row_labels,
-        features=stored_features,
-        memberships=memberships,
-        queries=queries,
-        query_features=query_features,
-        query_probs=np.concatenate(probs),
-    )
-    evaluation = evaluate_corpus(corpus, search, choose, head=head)
-    not_indexed = sum(1 for p in labels if p not in indexed)
-    return RunReport(evaluation, db.settings.backbone, db.settings.pooling, not_indexed,
-                     None if head is None else db.head_provenance(),
-                     "categories" if inverted is None else "lists")  # fmt: skip
+    """Evaluate the labelled images a database holds (by their source paths); no model is
+    needed: queries are the images' stored features."""
+    with Database.open(db_dir) as db:
+        built_with = db.settings.backbone
+        if options.backbone is not None and options.backbone != built_with:
+            raise CbirError(f"{db_dir} was built with {built_with}, not {options.backbone}")
+        by_id: dict[int, str] = {}
+        indexed = set()
+        for path, record in db.paths():
+            if path in labels:
+                indexed.add(path)
+                label = labels[path]
+                if label is not None:
+                    by_id.setdefault(record.image_id, label)
+        if not by_id:
+            raise CbirError(f"none of the labelled images is in the database {db_dir}")
+        search = replace(options.search, top_k=db.settings.top_k)
+        evaluation = evaluate_db(db, by_id, search, options.use_head)
+        head = db.head_provenance() if options.use_head and db.centre() is not None else None
+        gated_by = "lists" if db.centre() is not None and db.ivf() is not None else "categories"
+        return RunReport(evaluation, built_with, db.settings.pooling,
+                         len(labels) - len(indexed), head, gated_by)  # fmt: skip

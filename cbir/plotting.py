@@ -65,7 +65,7 @@ def plot_results(results: list[QueryResult], out_path: Path, n_results: int = 10
             hits = result.hits[:shown]
             for rank, (hit, label) in enumerate(zip(hits, hit_labels(hits), strict=True)):
                 ax = axes[row + rank // RESULTS_PER_ROW][1 + rank % RESULTS_PER_ROW]
-                text = f"#{rank + 1}   cosine {hit.score:.3f}\n" + _wrapped(label, covered)
+                text = f"#{rank + 1}   score {hit.score:.3f}\n" + _wrapped(label, covered)
                 _show(ax, hit.stored_path if hit.stored_path.exists() else Path(hit.path), text)
                 titles.append(text)
             row += block

@@ -10,24 +10,23 @@ import hashlib
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 
 from cbir import categories
-from cbir.centring import centred, directed
+from cbir.centring import directed
 from cbir.db import Database, check_compatible, ivf
 from cbir.db.catalog import ImageRecord
 from cbir.db.database import CategoryMembers
 from cbir.db.matrix import SCAN_BLOCK_ROWS, SearchMatrix
 from cbir.errors import BadImage, CbirError
-from cbir.features import expand_query
 from cbir.hashing import image_id_of
 from cbir.images import DEFAULT_MAX_MEGAPIXELS, load_image
 from cbir.model import Descriptions, Model, get_backbone, load_model, resolve_weights
-from cbir.ranking import Float16Rows, rank, top_rows
+from cbir.ranking import Float16Rows, Ranked, rank, rank_by, top_rows
 from cbir.search import (
     DEFAULT_MIN_CANDIDATES,
     DEFAULT_QUERY_EXPANSION,
@@ -48,11 +47,12 @@ class Category:
 @dataclass(frozen=True)
 class Hit:
     path: str  # the image's first source path (its stored copy if the catalog lost them)
-    score: float  # cosine similarity to the query
+    score: float  # what it was ranked by (centred, expanded cosine): falls down the list
     id: int  # the image's id in the catalog (from its content hash)
     categories: tuple[str, ...]  # wnids of the categories it is stored in, most probable first
     stored_path: Path  # its copy in the database
     paths: tuple[str, ...]  # every source path of its content
+    cosine: float  # its plain cosine similarity to the query
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,9 @@ class QueryOptions:
     exact: bool = False  # --all compares every row even where the database has an IVF
     max_megapixels: float = DEFAULT_MAX_MEGAPIXELS
     nprobe: int | None = None  # IVF lists an approximate --all searches (None: the default)
-    min_score: float = -1.0  # hits below this cosine are left out
+    min_score: float = -1.0  # hits of a lower plain cosine (Hit.cosine, which does not move
+    # as the database's mean does) are left out
+    use_head: bool = True  # map queries by the database's query head, if trained (cbir train)
     exclude_self: bool = False  # leave out the query's own content (by its SHA-256), if held
 
 
@@ -191,16 +193,25 @@ def search_like(
         record = db.image(image_id)
         if record is None:
             return None
-        feature = db.matrix().gather(np.array([record.row]))[0]
-        feature /= max(float(np.linalg.norm(feature)), 1e-12)
-        probs = np.zeros(len(categories.wnids()), np.float32)
-        index = {w: i for i, w in enumerate(categories.wnids())}
-        for wnid, prob in zip(record.wnids, record.probs, strict=True):
-            probs[index[wnid]] = prob
+        probs, feature = stored_query(db, record)
         sources = db.paths_of(image_id)
         label = Path(sources[0]) if sources else db.stored_path(record)
         return search(db, label, probs, feature, CategoryMembers(db), options,
                       resident=resident, exclude_id=image_id)  # fmt: skip
+
+
+def stored_query(
+    db: Database, record: ImageRecord
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    """(probs (1000,), feature (d,) unit-norm) of an image the database holds, as a query:
+    its stored feature and its categories' probabilities (the others 0)."""
+    feature = db.matrix().gather(np.array([record.row]))[0]
+    feature /= max(float(np.linalg.norm(feature)), 1e-12)
+    probs = np.zeros(len(categories.wnids()), np.float32)
+    index = categories.index_by_wnid()
+    for wnid, prob in zip(record.wnids, record.probs, strict=True):
+        probs[index[wnid]] = prob
+    return probs, feature
 
 
 class ResidentMatrix:
@@ -261,13 +272,13 @@ class ResidentMatrix:
         return self._live
 
     def rank(
-        self, rows: npt.NDArray[np.int64], query: npt.NDArray[np.float32], options: QueryOptions,
-        mean: npt.NDArray[np.float32] | None, head: npt.NDArray[np.float32] | None,
-    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
-        """(rows, scores) of the best of the candidate rows (sorted), best first."""
+        self, rows: npt.NDArray[np.int64], query: npt.NDArray[np.float32], n: int,
+        expansion: int, mean: npt.NDArray[np.float32] | None,
+        head: npt.NDArray[np.float32] | None,
+    ) -> Ranked:
+        """The best of the candidate rows (sorted), best first, by matrix row."""
         everything = len(rows) == len(self.rows)
-        return rank(self.rows, query, options.n_results, options.query_expansion,
-                    None if everything else rows, mean, head)  # fmt: skip
+        return rank(self.rows, query, n, expansion, None if everything else rows, mean, head)
 
 
 class CandidatePool:
@@ -296,10 +307,11 @@ class CandidatePool:
         self.db.matrix().gather_codes(self.rows, self.index.buffer(len(self.rows)))
 
     def rank(
-        self, rows: npt.NDArray[np.int64], query: npt.NDArray[np.float32], options: QueryOptions,
-        mean: npt.NDArray[np.float32] | None, head: npt.NDArray[np.float32] | None,
-    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]] | None:
-        """(rows, scores) of the best of the candidate `rows` (sorted); None if not pooled."""
+        self, rows: npt.NDArray[np.int64], query: npt.NDArray[np.float32], n: int,
+        expansion: int, mean: npt.NDArray[np.float32] | None,
+        head: npt.NDArray[np.float32] | None,
+    ) -> Ranked | None:
+        """The best of the candidate `rows` (sorted), by matrix row; None if not pooled."""
         if self.index is None:
             return None
         positions = np.searchsorted(self.rows, rows)
@@ -307,9 +319,9 @@ class CandidatePool:
                           or not np.array_equal(self.rows[positions], rows)):  # fmt: skip
             return None
         everything = len(positions) == len(self.rows)
-        best, scores = rank(self.index, query, options.n_results, options.query_expansion,
-                            None if everything else positions, mean, head)  # fmt: skip
-        return self.rows[best], scores
+        ranked = rank(self.index, query, n, expansion, None if everything else positions, mean,
+                      head)  # fmt: skip
+        return ranked.at(self.rows)
 
 
 def choose(
@@ -338,6 +350,80 @@ def choose(
     return Gating(chosen, fell_back and bool(chosen), how)
 
 
+@dataclass(frozen=True)
+class Ranking:
+    """What a described query found: its best matrix rows with their scores (ranked.positions
+    are matrix rows), how many rows it compared, what it searched and how."""
+
+    ranked: Ranked
+    n_searched: int
+    gating: Gating
+    method: str  # "gated", "exact" or "ivf" (QueryResult.method)
+
+
+def rank_described(
+    db: Database,
+    probs: npt.NDArray[np.float32],
+    feature: npt.NDArray[np.float32],
+    members: CategoryMembers,
+    options: QueryOptions,
+    pool: CandidatePool | None = None,
+    gating: Gating | None = None,
+    resident: ResidentMatrix | None = None,
+    exclude_id: int | None = None,
+) -> Ranking:
+    """The one query path of cbir: every front end (query, the API, the server, evaluate)
+    ranks a described query here. probs (1000,), feature (d,) unit-norm; `pool`: candidates
+    gathered for a batch of queries (see CandidatePool), with `gating`, what was already
+    chosen for this query; `resident`: the matrix in memory, up to date (a server's);
+    `exclude_id`: an image left out (the query itself). Gated: the inverted file's lists
+    and its new rows, or categories by centroid (choose); `--all`: every row, or the IVF's
+    nearest lists from APPROXIMATE_ALL_MIN_IMAGES. Ranked by cbir.ranking.rank_by (centred,
+    head, expansion): options.n_results rows, those of a cosine below options.min_score left
+    out."""
+    exclude_row = None
+    if exclude_id is not None:
+        record = db.image(exclude_id)
+        exclude_row = None if record is None else record.row
+    n = options.n_results + (exclude_row is not None)
+    centre = db.centre()
+    mean = None if centre is None else centre.mean
+    head = None if centre is None or not options.use_head else db.query_head()
+    expansion = options.query_expansion
+    method = "gated"
+    rows: npt.NDArray[np.int64] | None = None  # None: every live row
+    if options.search_all:
+        gating = Gating(tuple(sorted(members)), fell_back=False, order="all")
+        inverted = None if options.exact or centre is None \
+            or db.catalog.ivf_state()[1] < ivf.APPROXIMATE_ALL_MIN_IMAGES else db.ivf()  # fmt: skip
+        method = "exact" if inverted is None else "ivf"
+        if inverted is not None:
+            nprobe = options.nprobe or max(1, round(len(inverted) * ivf.DEFAULT_PROBE_SHARE))
+            lists = inverted.nearest(directed(inverted.probe(feature), head), nprobe)[0]
+            rows = db.catalog.rows_of_lists([ivf.NEW_ROWS, *lists.tolist()])
+    else:
+        gating = gating or choose(db, probs, feature, members, options)
+        rows = resident.gated_rows(db, gating) if resident is not None \
+            else gated_rows(gating, members)  # fmt: skip
+    pooled = None if pool is None or rows is None else \
+        pool.rank(rows, feature, n, expansion, mean, head)  # fmt: skip
+    if rows is None and resident is not None:
+        ranked = resident.rank(resident.live_rows(db), feature, n, expansion, mean, head)
+    elif rows is None:
+        ranked = exhaustive(db, feature, n, expansion, mean, head)
+    elif resident is not None:
+        ranked = resident.rank(rows, feature, n, expansion, mean, head)
+    elif pooled is not None:
+        ranked = pooled
+    else:
+        ranked = rank_candidates(db, rows, feature, n, expansion, mean, head)
+    keep = ranked.cosines >= options.min_score
+    if exclude_row is not None:
+        keep &= ranked.positions != exclude_row
+    n_searched = db.n_images() if rows is None else len(rows)
+    return Ranking(ranked.take(keep).take(slice(options.n_results)), n_searched, gating, method)
+
+
 def search(
     db: Database,
     path: Path,
@@ -350,61 +436,16 @@ def search(
     resident: ResidentMatrix | None = None,
     exclude_id: int | None = None,
 ) -> QueryResult:
-    """Rank the database for one described query: probs (1000,), feature (d,) unit-norm;
-    `pool`: candidates gathered for a batch of queries (see CandidatePool), with `gating`,
-    the categories already chosen for this query; `resident`: the matrix in memory, up to
-    date (a server's); `exclude_id`: an image left out of the results (the query itself).
-    Rows and query are compared centred on the database's mean, the centred query mapped by
-    its query head if trained (cbir.centring). Hits below options.min_score are left out."""
-    wanted = options.n_results
-    if exclude_id is not None:
-        options = replace(options, n_results=wanted + 1)
+    """rank_described, with the hits' paths and categories from the catalog."""
+    ranking = rank_described(db, probs, feature, members, options, pool, gating, resident,
+                             exclude_id)  # fmt: skip
     wnids = categories.wnids()
     names = categories.names_by_wnid()
     top = np.argsort(-probs)[: db.settings.top_k]
     own = tuple(Category(wnids[j], names[wnids[j]], float(probs[j])) for j in top)
-    centre = db.centre()
-    mean = None if centre is None else centre.mean
-    head = None if centre is None else db.query_head()  # learned on centred features
-    method = "gated"
-    if options.search_all:
-        gating = Gating(tuple(sorted(members)), fell_back=False, order="all")
-        inverted = None if options.exact or centre is None \
-            or db.catalog.ivf_state()[1] < ivf.APPROXIMATE_ALL_MIN_IMAGES else db.ivf()  # fmt: skip
-        if inverted is not None:
-            method = "ivf"
-            nprobe = options.nprobe or max(1, round(len(inverted) * ivf.DEFAULT_PROBE_SHARE))
-            lists = inverted.nearest(directed(inverted.probe(feature), head), nprobe)[0]
-            rows = db.catalog.rows_of_lists([ivf.NEW_ROWS, *lists.tolist()])
-            if resident is not None:
-                best, scores = resident.rank(rows, feature, options, mean, head)
-            else:
-                best, scores = rank_candidates(db, rows, feature, options, mean, head)
-            n_searched = len(rows)
-        elif resident is not None:
-            method = "exact"
-            best, scores = resident.rank(resident.live_rows(db), feature, options, mean, head)
-            n_searched = db.n_images()
-        else:
-            method = "exact"
-            best, scores = exhaustive(db, feature, options.n_results, options.query_expansion,
-                                      mean, head)  # fmt: skip
-            n_searched = db.n_images()
-    else:
-        gating = gating or choose(db, probs, feature, members, options)
-        rows = resident.gated_rows(db, gating) if resident is not None \
-            else gated_rows(gating, members)  # fmt: skip
-        pooled = None if pool is None else pool.rank(rows, feature, options, mean, head)
-        if resident is not None:
-            best, scores = resident.rank(rows, feature, options, mean, head)
-        elif pooled is not None:
-            best, scores = pooled
-        else:
-            best, scores = rank_candidates(db, rows, feature, options, mean, head)
-        n_searched = len(rows)
-    found = [h for h in hits_at_rows(db, best, scores)
-             if h.id != exclude_id and h.score >= options.min_score]  # fmt: skip
-    return QueryResult(path, own, gating, n_searched, tuple(found[:wanted]), method)
+    found = hits_at_rows(db, ranking.ranked)
+    return QueryResult(path, own, ranking.gating, ranking.n_searched, tuple(found),
+                       ranking.method)  # fmt: skip
 
 
 def gated_rows(gating: Gating, members: CategoryMembers) -> npt.NDArray[np.int64]:
@@ -416,17 +457,14 @@ def gated_rows(gating: Gating, members: CategoryMembers) -> npt.NDArray[np.int64
 
 
 def rank_candidates(
-    db: Database, rows: npt.NDArray[np.int64], query: npt.NDArray[np.float32],
-    options: QueryOptions, mean: npt.NDArray[np.float32] | None,
+    db: Database, rows: npt.NDArray[np.int64], query: npt.NDArray[np.float32], n: int,
+    expansion: int, mean: npt.NDArray[np.float32] | None,
     head: npt.NDArray[np.float32] | None = None,
-) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
-    """(rows, cosine scores) of the best of the candidate matrix rows (r,), best first,
-    compared centred on `mean` when given (the probes mapped by `head`)."""
+) -> Ranked:
+    """The n best of the candidate matrix rows (r,) (sorted), gathered, by matrix row."""
     with _candidate_rows(db.settings.feature_dim, len(rows)) as candidates:
         db.matrix().gather_codes(rows, candidates.buffer(len(rows)))
-        best, scores = rank(candidates, query, options.n_results, options.query_expansion,
-                            mean=mean, head=head)  # fmt: skip
-    return rows[best], scores
+        return rank(candidates, query, n, expansion, mean=mean, head=head).at(rows)
 
 
 SCRATCH_BYTES = 256 << 20  # candidates up to this size (100k rows of 1280) reuse one buffer
@@ -453,85 +491,77 @@ def _candidate_rows(dim: int, n: int) -> Iterator[Float16Rows]:
 
 
 def hits(db: Database, ids: npt.NDArray[np.int64], scores: npt.NDArray[np.float32]) -> list[Hit]:
-    """Results for image ids, with their paths and categories from the catalog."""
+    """Results for image ids with scores (k,) (their cosines too), with their paths and
+    categories from the catalog."""
     records = [db.image(i) for i in ids.tolist()]
-    return _hits(db, records, scores)
+    return _hits(db, records, scores, scores)
 
 
-def hits_at_rows(
-    db: Database, rows: npt.NDArray[np.int64], scores: npt.NDArray[np.float32]
-) -> list[Hit]:
-    """Results for matrix rows (a row of no image, e.g. a removed one's, is left out)."""
-    by_row = db.catalog.images_at_rows(rows.tolist())
-    return _hits(db, [by_row.get(r) for r in rows.tolist()], scores)
+def hits_at_rows(db: Database, ranked: Ranked) -> list[Hit]:
+    """Results for ranked matrix rows (a row of no image, e.g. a removed one's, is left out)."""
+    by_row = db.catalog.images_at_rows(ranked.positions.tolist())
+    return _hits(db, [by_row.get(r) for r in ranked.positions.tolist()], ranked.scores,
+                 ranked.cosines)  # fmt: skip
 
 
 def _hits(
-    db: Database, records: list[ImageRecord | None], scores: npt.NDArray[np.float32]
+    db: Database, records: list[ImageRecord | None], scores: npt.NDArray[np.float32],
+    cosines: npt.NDArray[np.float32],
 ) -> list[Hit]:
     found = []
-    for record, score in zip(records, scores.tolist(), strict=True):
+    for record, score, cosine in zip(records, scores.tolist(), cosines.tolist(), strict=True):
         if record is None:  # removed since the rows were read
             continue
         stored = db.stored_path(record)
         paths = tuple(db.paths_of(record.image_id))
         found.append(Hit(paths[0] if paths else str(stored), float(score), record.image_id,
-                         record.wnids, stored, paths))  # fmt: skip
+                         record.wnids, stored, paths, float(cosine)))  # fmt: skip
     return found
 
 
 def exhaustive(
     db: Database, query: npt.NDArray[np.float32], n: int, expansion: int,
     mean: npt.NDArray[np.float32] | None = None, head: npt.NDArray[np.float32] | None = None,
-) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
-    """(rows, cosine scores) of the n best images of the whole database, best first, ranked
-    as `cbir.ranking.rank` ranks (centred on `mean` when given, the probes mapped by `head`;
-    the first `expansion` results expand the query), in one or two passes over the matrix."""
-    matrix = db.matrix()
-    probe = centred(query, mean)
-    first_rows = _live_top(db, directed(probe, head), max(n, expansion), mean)
-    if expansion > 0 and len(first_rows) > expansion:
-        keep = first_rows[:expansion]
-        expanded = directed(expand_query(probe, centred(matrix.gather(keep), mean)), head)
-        rows = _live_top(db, expanded, n + expansion, mean)
-        kept = set(keep.tolist())
-        rest = [r for r in rows.tolist() if r not in kept][: max(n - expansion, 0)]
-        first_rows = np.array([*keep.tolist(), *rest], np.int64)
-    best = first_rows[:n]
-    return best, matrix.gather(best) @ query.astype(np.float32)
+) -> Ranked:
+    """The n best images of the whole database by matrix row, ranked by rank_by; each of its
+    passes reads the matrix once, a block at a time."""
+    return rank_by(lambda probe, k: _live_top(db, probe, k, mean), db.matrix().gather,
+                   db.n_images(), query, n, expansion, mean, head)  # fmt: skip
 
 
 def _live_top(
-    db: Database, query: npt.NDArray[np.float32], k: int, mean: npt.NDArray[np.float32] | None
-) -> npt.NDArray[np.int64]:
-    """The k best rows, best first, that a committed image owns. Dead rows (of removed
-    images) are passed over: the scan asks for more rows until k live ones are in."""
+    db: Database, probe: npt.NDArray[np.float32], k: int, mean: npt.NDArray[np.float32] | None
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+    """(scores, rows) of the k best rows, best first, that a committed image owns. Dead rows
+    (of removed images) are passed over: the scan asks for more rows until k live ones are
+    in."""
     matrix = db.matrix()
     dead = max(matrix.n_rows - db.n_images(), 0)
     want = k + min(dead, 4 * k)
     while True:
-        rows = _scan(matrix, query, want, mean)
+        scores, rows = _scan(matrix, probe, want, mean)
         owned = db.catalog.ids_of_rows(rows.tolist())
-        live = rows[np.array([r in owned for r in rows.tolist()], bool)]
-        if len(live) >= k or want >= matrix.n_rows:
-            return live[:k]
+        live = np.array([r in owned for r in rows.tolist()], bool)
+        if live.sum() >= k or want >= matrix.n_rows:
+            return scores[live][:k], rows[live][:k]
         want *= 4
 
 
 def _scan(
-    matrix: SearchMatrix, query: npt.NDArray[np.float32], k: int,
+    matrix: SearchMatrix, probe: npt.NDArray[np.float32], k: int,
     mean: npt.NDArray[np.float32] | None,
-) -> npt.NDArray[np.int64]:
-    """The k rows most similar to `query` (centred on `mean` when given), best first: the
-    matrix is read once, a block at a time, and only k candidates are kept between blocks."""
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+    """(scores, rows) of the k rows most similar to `probe` (centred on `mean` when given),
+    best first: the matrix is read once, a block at a time, and only k candidates are kept
+    between blocks."""
     block = Float16Rows(matrix.dim)
     rows, scores = np.zeros(0, np.int64), np.zeros(0, np.float32)
     for start in range(0, matrix.n_rows, SCAN_BLOCK_ROWS):
         n = min(SCAN_BLOCK_ROWS, matrix.n_rows - start)
         matrix.read_codes(start, block.buffer(n))
-        block_scores, positions = top_rows(block, query, k, mean=mean)
+        block_scores, positions = top_rows(block, probe, k, mean=mean)
         rows = np.concatenate([rows, positions + start])
         scores = np.concatenate([scores, block_scores])
         order = np.argsort(-scores, kind="stable")[:k]
         rows, scores = rows[order], scores[order]
-    return rows
+    return scores, rows

@@ -8,6 +8,9 @@ copy of the rows it ranks (gathered candidates, or one block of the matrix at a 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import numpy as np
 import numpy.typing as npt
 
@@ -23,6 +26,14 @@ class Float16Rows:
         self.index = faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16,
                                                 faiss.METRIC_INNER_PRODUCT)  # fmt: skip
         self.index.is_trained = True  # float16 needs no training
+
+    @classmethod
+    def of(cls, features: npt.NDArray[np.floating]) -> Float16Rows:
+        """Rows holding `features` (n, d), as float16."""
+        features = np.ascontiguousarray(features, np.float16)
+        rows = cls(features.shape[1])
+        rows.buffer(len(features))[:] = features.view(np.uint8).reshape(len(features), -1)
+        return rows
 
     def __len__(self) -> int:
         return int(self.index.ntotal)
@@ -67,6 +78,74 @@ class Float16Rows:
         return self._faiss.rev_swig_ptr(self.index.codes.data(), n * width).reshape(n, width)
 
 
+# The best k of a query's rows for a probe (d,): (scores (k,), positions (k,)), best first.
+TopRows = Callable[[npt.NDArray[np.float32], int], tuple[npt.NDArray[np.float32],
+                                                         npt.NDArray[np.int64]]]  # fmt: skip
+# The stored features (m, d) float32 of rows at positions (m,).
+FeaturesAt = Callable[[npt.NDArray[np.int64]], npt.NDArray[np.float32]]
+
+
+@dataclass(frozen=True)
+class Ranked:
+    """A query's best rows, best first: positions (k,), the scores they were ranked by (k,),
+    which never rise down the list, and their plain cosines to the query (k,)."""
+
+    positions: npt.NDArray[np.int64]
+    scores: npt.NDArray[np.float32]
+    cosines: npt.NDArray[np.float32]
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def take(self, keep: npt.NDArray[np.bool_] | slice) -> Ranked:
+        return Ranked(self.positions[keep], self.scores[keep], self.cosines[keep])
+
+    def at(self, positions: npt.NDArray[np.int64]) -> Ranked:
+        """The same ranking with positions mapped through `positions` (e.g. pool -> row)."""
+        return Ranked(positions[self.positions], self.scores, self.cosines)
+
+
+def rank_by(
+    top: TopRows, features_at: FeaturesAt, searched: int, query: npt.NDArray[np.float32],
+    n: int, expansion: int, mean: npt.NDArray[np.float32] | None,
+    head: npt.NDArray[np.float32] | None,
+) -> Ranked:
+    """The one ranking of cbir, whatever holds the rows: the n best of `searched` rows for a
+    unit-norm `query` (d,), compared centred on the database's `mean` (d,) when given, the
+    centred probe mapped by its query `head` (d, d) when trained (cbir.centring).
+
+    With `expansion` m > 0 (and more than m rows), the centred query averaged with its first
+    m rows is a second probe (query expansion: +0.03..0.08 mAP, docs/quality.md), and a row
+    scores the higher of its cosines to the two: an image's own copy keeps its 1.0 and its
+    place, and a row the expanded query finds rises by that. Every score is one number, at
+    most 1, and falls down the list. Exact: each probe's best n rows are found (one pass each
+    over the rows, by `top`), and any other row scores below the n-th of either."""
+    from cbir.centring import centred, directed
+    from cbir.features import expand_query
+
+    if searched == 0 or n <= 0:
+        return Ranked(np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.float32))
+    query = np.asarray(query, np.float32)
+    probe = centred(query, mean)
+    by_query = directed(probe, head)
+    expanding = 0 < expansion < searched
+    scores, positions = top(by_query, max(n, expansion) if expanding else n)
+    if not expanding:
+        return Ranked(positions, np.minimum(scores, 1.0),
+                      np.minimum(features_at(positions) @ query, 1.0))  # fmt: skip
+    first = positions[:expansion]
+    stored = features_at(first)
+    by_expanded = directed(expand_query(probe, centred(stored, mean)), head)
+    _, found = top(by_expanded, n)
+    union = np.union1d(positions, found)  # sorted: ties go to the lower position
+    stored = features_at(union)
+    rows = centred(stored, mean)
+    both = np.maximum(rows @ by_query, rows @ by_expanded)
+    order = np.argsort(-both, kind="stable")[:n]
+    return Ranked(union[order], np.minimum(both[order], 1.0).astype(np.float32),
+                  np.minimum(stored[order] @ query, 1.0).astype(np.float32))  # fmt: skip
+
+
 def rank(
     rows: Float16Rows,
     query: npt.NDArray[np.float32],
@@ -75,31 +154,13 @@ def rank(
     only: npt.NDArray[np.int64] | None = None,
     mean: npt.NDArray[np.float32] | None = None,
     head: npt.NDArray[np.float32] | None = None,
-) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
-    """Positions and cosine scores of the n rows (among the positions `only`, or all) most
-    similar to `query` (d,), best first, ranked as `cbir.search.top_matches` ranks: with
-    `expansion` m > 0 the best m keep their places and the rest follow the query averaged
-    with them. With the database's `mean` (d,) rows and query are compared centred
-    (cbir.centring), the expansion averaging centred rows; its query `head` (d, d) maps the
-    centred probes. Scores are plain cosines to `query` either way (they do not move as the
-    database's mean does)."""
-    from cbir.centring import centred, directed
-    from cbir.features import expand_query
-
+) -> Ranked:
+    """rank_by over rows held in memory: all of them, or the positions `only`."""
+    if only is not None:
+        only = np.unique(only)  # a position listed twice would leave FAISS a -1 to return
     searched = len(rows) if only is None else len(only)
-    if searched == 0 or n <= 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.float32)
-    probe = centred(query, mean)
-    scores, positions = top_rows(rows, directed(probe, head), max(n, expansion), only, mean)
-    if expansion > 0 and searched > expansion:
-        top = positions[:expansion]
-        expanded = directed(expand_query(probe, centred(rows.rows(top), mean)), head)
-        _, again = top_rows(rows, expanded, n + expansion, only, mean)
-        kept = set(top.tolist())
-        rest = [p for p in again.tolist() if p not in kept]
-        positions = np.array([*top.tolist(), *rest[: max(n - expansion, 0)]], np.int64)
-    positions = positions[:n]
-    return positions, rows.rows(positions) @ np.asarray(query, np.float32)
+    return rank_by(lambda probe, k: top_rows(rows, probe, k, only, mean), rows.rows, searched,
+                   query, n, expansion, mean, head)  # fmt: skip
 
 
 def top_rows(
@@ -109,15 +170,14 @@ def top_rows(
     only: npt.NDArray[np.int64] | None = None,
     mean: npt.NDArray[np.float32] | None = None,
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
-    """(scores, positions) (k,) of the k best rows, best first: by inner product with
-    `query`, or, given the `mean`, by the centred cosine to the centred `query`. The centred
+    """(scores, positions) (k,) of the k best rows (all, or the sorted, distinct positions
+    `only`), best first: by inner product with `query`, or, given the `mean`, by the centred
+    cosine to the centred `query`. The centred
     form needs every searched row's two inner products (one FAISS pass over them for the
     query and the mean), then a partial sort; ties go to the lower position."""
     from cbir.centring import centred_scores
     from cbir.search import best_of
 
-    if only is not None:
-        only = np.unique(only)  # a position listed twice would leave FAISS a -1 to return
     if mean is None:
         scores, positions = rows.top(query[None, :], k, only)
         found = positions[0] >= 0

@@ -8,8 +8,6 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from cbir.features import expand_query
-
 DEFAULT_MIN_CANDIDATES = 1000
 DEFAULT_QUERY_EXPANSION = 3  # +0.03..0.08 mAP, P@1 unchanged (docs/quality.md)
 
@@ -60,53 +58,6 @@ def choose_categories(
         if distinct >= min_candidates:
             break
     return tuple(chosen)
-
-
-def top_matches(
-    query: npt.NDArray[np.float32],
-    features: npt.NDArray[np.float32],
-    n: int,
-    expansion: int = 0,
-    alpha: float = 0.0,
-    mean: npt.NDArray[np.float32] | None = None,
-    mean_dots: npt.NDArray[np.float32] | None = None,
-    head: npt.NDArray[np.float32] | None = None,
-) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
-    """Indices and cosine scores of the n rows most similar to `query`, best first.
-
-    query: (d,) unit-norm; features: (r, d) float32, rows unit-norm. One matrix product, then a
-    partial sort, so 100k rows take milliseconds. With `expansion` m > 0 (query expansion), the
-    best m rows keep their places and the rest are ordered by their cosine to the query
-    averaged with those m (`cbir.features.expand_query`; alpha weighs them by score**alpha).
-    With the database's `mean` (d,), rows and query are compared centred (cbir.centring;
-    `mean_dots` (r,): features @ mean, if already known) and the expansion averages centred
-    rows; a query `head` (d, d) (cbir train) maps each centred probe before it is compared.
-    Scores stay cosines to the query itself. `cbir evaluate` ranks with this function,
-    `cbir query` with cbir.ranking.rank, which ranks the same way on float16 rows.
-    """
-    from cbir.centring import centred, centred_scores, directed
-
-    if len(features) == 0 or n <= 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.float32)
-    if mean is not None and mean_dots is None:
-        mean_dots = features @ mean
-
-    def similarity(probe: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-        probe = directed(probe, head)
-        dots = features @ probe.astype(np.float32)
-        return dots if mean is None else centred_scores(dots, mean_dots, probe, mean)
-
-    probe = centred(query, mean)
-    scores = similarity(probe)
-    if expansion <= 0 or len(scores) <= expansion:
-        best = best_of(scores, n)
-        return best, features[best] @ query.astype(np.float32)
-    top = best_of(scores, expansion)
-    expanded_scores = similarity(expand_query(probe, centred(features[top], mean), scores[top],
-                                              alpha))  # fmt: skip
-    expanded_scores[top] = 3.0 + scores[top]  # above any cosine, in their first order
-    best = best_of(expanded_scores, n)
-    return best, features[best] @ query.astype(np.float32)
 
 
 def best_of(scores: npt.NDArray[np.float32], n: int) -> npt.NDArray[np.int64]:

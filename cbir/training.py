@@ -205,19 +205,22 @@ def _map(
     """Exhaustive mAP of (up to CHECK_QUERIES of) `queries` among `features` (m, d), each
     query left out, ranked as `cbir query` ranks (centred, query expansion, the head)."""
     from cbir.evaluate import average_precision
-    from cbir.search import DEFAULT_QUERY_EXPANSION, top_matches
+    from cbir.ranking import Float16Rows, rank
+    from cbir.search import DEFAULT_QUERY_EXPANSION
 
     if len(queries) > CHECK_QUERIES:
         queries = np.sort(np.random.default_rng(0).choice(queries, CHECK_QUERIES, replace=False))
+    rows = Float16Rows.of(features)
     aps = []
     for q in queries.tolist():
         others = np.flatnonzero(np.arange(len(features)) != q)
-        relevant = classes[others] == classes[q]
+        relevant = classes == classes[q]
+        relevant[q] = False
         if not relevant.any():
             continue
-        order, _ = top_matches(features[q], features[others], len(others),
-                               DEFAULT_QUERY_EXPANSION, mean=mean, head=head)  # fmt: skip
-        aps.append(average_precision(relevant[order], int(relevant.sum())))
+        ranked = rank(rows, features[q], len(others), DEFAULT_QUERY_EXPANSION, others, mean,
+                      head)  # fmt: skip
+        aps.append(average_precision(relevant[ranked.positions], int(relevant.sum())))
     return float(np.mean(aps)) if aps else float("nan")
 
 

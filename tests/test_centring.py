@@ -14,7 +14,7 @@ from cbir.db import CATALOG_NAME, Database, Settings, check_database, open_write
 from cbir.db import writer as writer_module
 from cbir.db.database import CategoryMembers
 from cbir.query import QueryOptions, search
-from cbir.search import top_matches
+from tests.reference import definition
 from tests.test_store import DIM, new_images
 
 SETTINGS = Settings("synthetic", "none", DIM, top_k=2)
@@ -122,10 +122,12 @@ def test_a_gated_query_ranks_centred_rows_of_the_categories_nearest_by_centroid(
         # nearest centroid is category 2's, and it alone holds 200 >= 150 images.
         assert result.gating.wnids == (CATEGORIES[2],) and result.gating.order == "centroids"
         gated = np.isin(rows, members[CATEGORIES[2]])
-        expected, scores = top_matches(query, features[gated], 10, 3, mean=centre.mean)
+        expected, scores = definition(query, features[gated], 10, 3, centre.mean)
     assert [h.id for h in result.hits] == ids[gated][expected].tolist()
-    np.testing.assert_allclose([h.score for h in result.hits], scores, atol=1e-5)
-    plain, _ = top_matches(query, features[gated], 10, 3)
+    np.testing.assert_allclose([h.score for h in result.hits], scores, atol=2e-3)
+    np.testing.assert_allclose([h.cosine for h in result.hits],
+                               features[gated][expected] @ query, atol=1e-5)  # fmt: skip
+    plain, _ = definition(query, features[gated], 10, 3)
     assert plain.tolist() != expected.tolist()  # centring changed the ranking
 
 

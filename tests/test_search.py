@@ -6,7 +6,8 @@ import itertools
 
 import numpy as np
 
-from cbir.search import choose_categories, top_matches
+from cbir.search import choose_categories
+from tests.reference import definition
 
 
 def unit(rows: list[list[float]]) -> np.ndarray:
@@ -14,24 +15,33 @@ def unit(rows: list[list[float]]) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def test_top_matches_ranks_by_cosine_best_first():
+def ranked(features: np.ndarray, query: np.ndarray, n: int, expansion: int = 0, **kwargs):
+    from cbir.ranking import Float16Rows, rank
+
+    return rank(Float16Rows.of(features), query, n, expansion, **kwargs)
+
+
+def test_ranking_is_by_cosine_best_first():
     features = unit([[1, 0], [0, 1], [1, 1], [1, 0.1]])
-    best, scores = top_matches(unit([[1, 0]])[0], features, 3)
-    assert best.tolist() == [0, 3, 2]
-    np.testing.assert_allclose(scores, [1, 0.995037, 0.707107], atol=1e-5)
+    found = ranked(features, unit([[1, 0]])[0], 3)
+    assert found.positions.tolist() == [0, 3, 2]
+    np.testing.assert_allclose(found.scores, [1, 0.995037, 0.707107], atol=1e-3)
+    np.testing.assert_allclose(found.cosines, found.scores, atol=1e-6)  # nothing to centre
 
 
-def test_query_expansion_keeps_the_top_results_and_reranks_the_rest():
-    # query ~ row 0; rows 1 and 2 tie for second by cosine to the query, but row 2 is
-    # close to row 0 (the first result), so the expanded query prefers it.
-    features = unit([[1, 0, 0], [0.6, 0.8, 0], [0.6, 0, 0.8]])
-    query = unit([[0.9, 0.1, 0.1]])[0]
-    plain, _ = top_matches(query, features, 3)
-    assert plain.tolist() == [0, 1, 2]
-    expanded, scores = top_matches(query, unit([[1, 0, 0.2], [0.6, 0.8, 0], [0.6, 0, 0.8]]), 3,
-                                   expansion=1)  # fmt: skip
-    assert expanded[0] == 0 and expanded.tolist() == [0, 2, 1]
-    assert scores[1] < 1  # scores stay cosines to the query itself
+def test_query_expansion_ranks_by_the_better_of_the_query_and_its_average_with_its_first_rows():
+    # query ~ row 0; row 1 is a little nearer to it than row 2, but row 2 is close to row 0
+    # (the first result), so the expanded query prefers it.
+    features = unit([[1, 0, 0.2], [0.6, 0.8, 0], [0.6, 0, 0.8]])
+    query = unit([[0.9, 0.12, 0.1]])[0]
+    assert ranked(features, query, 3).positions.tolist() == [0, 1, 2]
+    expanded = ranked(features, query, 3, expansion=1)
+    assert expanded.positions.tolist() == [0, 2, 1]
+    expected, scores = definition(query, features.astype(np.float16), 3, 1)
+    assert expanded.positions.tolist() == expected.tolist()
+    np.testing.assert_allclose(expanded.scores, scores, atol=1e-3)  # what it was ranked by
+    assert np.all(np.diff(expanded.scores) <= 0) and expanded.scores.max() <= 1
+    np.testing.assert_allclose(expanded.cosines, features[[0, 2, 1]] @ query, atol=1e-3)
 
 
 def test_widening_counts_an_image_stored_in_several_categories_once():
@@ -55,56 +65,25 @@ def test_a_category_as_large_as_the_budget_needs_no_member_counting():
     assert chosen == ("a",)
 
 
-def test_centred_ranking_equals_cosines_of_centred_rows():
-    rng = np.random.default_rng(7)
-    features = unit(rng.standard_normal((300, 16)).tolist()) + 0.8  # a shared direction
-    features = unit(features.tolist())
-    mean = features.mean(axis=0)
-    query = unit([(features[5] + 0.3 * rng.standard_normal(16)).tolist()])[0]
-    centred = unit((features - mean).tolist())
-    for expansion in (0, 3):
-        got, scores = top_matches(query, features, 20, expansion, mean=mean)
-        expected, _ = top_matches(unit([(query - mean).tolist()])[0], centred, 20, expansion)
-        assert got.tolist() == expected.tolist()
-        np.testing.assert_allclose(scores, features[got] @ query, atol=1e-6)  # plain cosines
-    plain, _ = top_matches(query, features, 20)
-    assert plain.tolist() != got.tolist()  # centring changes the order here
-
-
-def test_a_query_head_maps_the_centred_query_and_only_the_query():
-    rng = np.random.default_rng(8)
-    features = unit((rng.standard_normal((200, 16)) + 0.5).tolist())
-    mean = features.mean(axis=0)
-    head = (np.eye(16) + 0.5 * rng.standard_normal((16, 16))).astype(np.float32)
-    query = unit([(features[3] + 0.2 * rng.standard_normal(16)).tolist()])[0]
-    got, scores = top_matches(query, features, 20, 0, mean=mean, head=head)
-    probe = unit([head @ unit([(query - mean).tolist()])[0]])[0]  # the definition
-    expected = np.argsort(-(unit((features - mean).tolist()) @ probe), kind="stable")[:20]
-    assert got.tolist() == expected.tolist()
-    np.testing.assert_allclose(scores, features[got] @ query, atol=1e-6)  # plain cosines
-    assert got.tolist() != top_matches(query, features, 20, 0, mean=mean)[0].tolist()
-    identity = top_matches(query, features, 20, 3, mean=mean, head=np.eye(16, dtype=np.float32))
-    assert identity[0].tolist() == top_matches(query, features, 20, 3, mean=mean)[0].tolist()
-
-
-def test_ranking_float16_rows_with_faiss_agrees_with_top_matches():
-    from cbir.ranking import Float16Rows, rank
-
+def test_ranking_float16_rows_follows_the_definition_centred_mapped_expanded_and_selected():
     rng = np.random.default_rng(3)
-    rows = unit(rng.standard_normal((500, 32)).tolist()).astype(np.float16)
-    query = unit([rng.standard_normal(32).tolist()])[0]
-    index = Float16Rows(32)
-    index.buffer(len(rows))[:] = rows.view(np.uint8)
-    mean = rows.astype(np.float32).mean(axis=0) + 0.05
+    rows = unit((rng.standard_normal((500, 32)) + 0.6).tolist()).astype(np.float16)
+    query = unit([(rows[5] + 0.3 * rng.standard_normal(32)).tolist()])[0]
+    mean = rows.astype(np.float32).mean(axis=0)
     only = np.arange(0, 500, 3)
     head = (np.eye(32) + 0.3 * rng.standard_normal((32, 32))).astype(np.float32)
+    orders = set()
     for expansion, centre, h in itertools.product((0, 3), (None, mean), (None, head)):
-        got, scores = rank(index, query, 10, expansion, mean=centre, head=h)
-        expected, expected_scores = top_matches(query, rows.astype(np.float32), 10, expansion,
-                                                mean=centre, head=h)  # fmt: skip
-        assert got.tolist() == expected.tolist()
-        np.testing.assert_allclose(scores, expected_scores, atol=1e-5)
-        got, _ = rank(index, query, 10, expansion, only, centre, h)
-        expected, _ = top_matches(query, rows[only].astype(np.float32), 10, expansion,
-                                  mean=centre, head=h)  # fmt: skip
-        assert got.tolist() == only[expected].tolist()
+        if h is not None and centre is None:
+            continue  # a head maps centred queries
+        got = ranked(rows, query, 10, expansion, mean=centre, head=h)
+        expected, scores = definition(query, rows, 10, expansion, centre, h)
+        assert got.positions.tolist() == expected.tolist()
+        np.testing.assert_allclose(got.scores, scores, atol=2e-3)
+        np.testing.assert_allclose(got.cosines, rows[expected].astype(np.float32) @ query,
+                                   atol=1e-5)  # fmt: skip
+        orders.add(tuple(expected.tolist()))
+        got = ranked(rows, query, 10, expansion, only=only, mean=centre, head=h)
+        expected, _ = definition(query, rows[only], 10, expansion, centre, h)
+        assert got.positions.tolist() == only[expected].tolist()
+    assert len(orders) > 3  # centring, the head and expansion each change the order here

@@ -31,7 +31,7 @@ from cbir.db.check import check_database
 from cbir.db.files import write_atomic
 from cbir.errors import DatabaseError
 from cbir.query import exhaustive
-from cbir.search import top_matches
+from tests.reference import definition
 
 DIM = 8
 REPO = Path(__file__).resolve().parent.parent
@@ -243,15 +243,15 @@ def test_exhaustive_search_passes_over_rows_of_removed_images(tmp_path):
     db, images = database_with_removals(tmp_path, 300, range(0, 200))
     query = images[5].feature  # a removed image: its row is dead, never a result
     live = images[200:]
-    expected_best, expected_scores = top_matches(
-        query, np.stack([i.feature for i in live]).astype(np.float16).astype(np.float32), 10, 3
-    )
+    stored = np.stack([i.feature for i in live]).astype(np.float16)
     with Database.open(db) as d:
         assert d.matrix().n_rows == 300 and d.n_images() == 100  # below the compaction size
-        rows, scores = exhaustive(d, query, 10, 3)
-        ids = [d.catalog.ids_of_rows([r])[r] for r in rows.tolist()]
-    assert ids == [live[i].image_id for i in expected_best]
-    np.testing.assert_allclose(scores, expected_scores, atol=1e-6)
+        mean = d.centre().mean
+        found = exhaustive(d, query, 10, 3, mean)
+        ids = [d.catalog.ids_of_rows([r])[r] for r in found.positions.tolist()]
+    expected, scores = definition(query, stored, 10, 3, mean)
+    assert ids == [live[i].image_id for i in expected]
+    np.testing.assert_allclose(found.scores, scores, atol=2e-3)
 
 
 def test_the_matrix_is_compacted_once_dead_rows_outnumber_live_ones(tmp_path, monkeypatch):
