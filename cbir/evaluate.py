@@ -5,8 +5,9 @@ query path every front end takes (cbir.query.rank_described), by its stored feat
 image itself is left out of the results, and stays in the database's mean and in what its
 gate counts. Definitions, used everywhere in cbir:
 
-- ranking: the database rows in the order a search returns them, the query's own row removed;
-  rows the search never compared (outside the gated lists or categories) are not in it.
+- ranking: the first DEPTH (1000) database rows in the order a search returns them, the
+  query's own row removed; rows the search never compared (outside the gated lists or
+  categories) are not in it.
 - relevant: another image with the same label (class folder, or group of a --groups file).
 - AP (non-interpolated average precision): the sum, over the relevant images in the ranking, of
   the precision at each one's rank, divided by the number of relevant images in the database;
@@ -36,6 +37,8 @@ from cbir.errors import BadImage, CbirError
 from cbir.search import DEFAULT_MIN_CANDIDATES, DEFAULT_QUERY_EXPANSION
 
 TOP = 10  # depth of P@10, R@10 and the gating recall
+DEPTH = 1000  # rows of each ranking scored: a relevant image further down adds under 1/DEPTH
+# of its AP; a full ranking of 70k rows cost 1 s a query (every row's features decoded)
 
 
 # -- metrics: pure functions of one ranking ---------------------------------------------------
@@ -164,18 +167,19 @@ class Tally:
 
 
 def evaluate_db(
-    db: Database, labels: Mapping[int, str], settings: SearchSettings, use_head: bool = True
+    db: Database, labels: Mapping[int, str], settings: SearchSettings, use_head: bool = True,
+    queries: Sequence[int] | None = None,
 ) -> Evaluation:
-    """Every labelled image of `db` (image id -> label) queried against the database, gated
-    and exhaustively, through cbir.query.rank_described: the path `cbir query`, the API and
-    the server take, by the image's stored feature, the image itself left out. Each ranking
-    holds every row the search compared, so mAP counts every relevant image it found.
-    Queries without another image of their label are left out."""
+    """Every labelled image of `db` (image id -> label), or those of `queries`, queried
+    against the database, gated and exhaustively, through cbir.query.rank_described: the path
+    `cbir query`, the API and the server take, by the image's stored feature, the image
+    itself left out; each ranking DEPTH rows deep. Queries without another image of their
+    label are left out."""
     from cbir.query import QueryOptions, ResidentMatrix, rank_described, stored_query
 
     with db.catalog.snapshot():
         n = db.n_images()
-        options = QueryOptions(n_results=n, min_candidates=settings.min_candidates,
+        options = QueryOptions(n_results=DEPTH, min_candidates=settings.min_candidates,
                                query_expansion=settings.query_expansion,
                                use_head=use_head)  # fmt: skip
         resident = ResidentMatrix(db.settings.feature_dim) if ResidentMatrix.fits(db) else None
@@ -189,7 +193,8 @@ def evaluate_db(
                 label_of_row[record.row] = labels[image_id]
         gated, exhaustive = Tally.new(), Tally.new()
         queried: list[int] = []
-        for image_id, record in records.items():
+        for image_id in labels if queries is None else queries:
+            record = records[image_id]
             if record is None:
                 continue
             relevant = label_of_row == labels[image_id]

@@ -31,9 +31,11 @@ from cbir.api import ImageDatabase, result_json
 from cbir.errors import BadImage, CbirError
 from cbir.images import thumbnail
 from cbir.query import QueryResult
+from cbir.search import DEFAULT_MIN_CANDIDATES
 
 DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 MAX_RESULTS = 200  # n per query
+MAX_MIN_CANDIDATES = 100_000  # a gate's budget per query (the CLI's --min-candidates)
 MAX_PAGE = 500  # images per page of a category
 THUMBNAIL_SIDE = 256
 THUMBNAIL_CACHE = 2048  # thumbnails kept in memory (about 15 kB each)
@@ -63,8 +65,12 @@ def create_app(
         return page
 
     @app.post("/api/query", summary="Query by an uploaded image (multipart field 'image')")
-    async def query_upload(request: Request, n: int = 10, all: bool = False) -> dict:  # noqa: A002
+    async def query_upload(
+        request: Request, n: int = 10, all: bool = False,  # noqa: A002
+        min_candidates: int = DEFAULT_MIN_CANDIDATES,
+    ) -> dict:
         _check_n(n)
+        _check_min_candidates(min_candidates)
         declared = request.headers.get("content-length")
         too_long = declared is not None and declared.isdigit() and (
             int(declared) > max_upload_bytes + FORM_OVERHEAD)  # fmt: skip
@@ -81,17 +87,22 @@ def create_app(
         search_all = _form_bool(form, "all", all)
         name = _safe_name(upload.filename or "upload")
         try:
-            result = await run_in_threadpool(db.query, data, n, search_all, name=name)
+            result = await run_in_threadpool(lambda: db.query(
+                data, n, search_all, min_candidates=min_candidates, name=name))  # fmt: skip
         except BadImage as bad:
             raise HTTPException(400, f"not a usable image: {bad.reason}") from None
         return _with_urls(result)
 
     @app.get("/api/query", summary="Query by an image the database holds (itself left out)")
-    def query_id(id: str, n: int = 10, all: bool = False) -> dict:  # noqa: A002
+    def query_id(
+        id: str, n: int = 10, all: bool = False,  # noqa: A002
+        min_candidates: int = DEFAULT_MIN_CANDIDATES,
+    ) -> dict:
         _check_n(n)
+        _check_min_candidates(min_candidates)
         image_id = _parse_id(id)
         try:
-            return _with_urls(db.query_id(image_id, n, all))
+            return _with_urls(db.query_id(image_id, n, all, min_candidates=min_candidates))
         except KeyError:
             raise HTTPException(404, f"no image {image_id} in the database") from None
 
@@ -176,6 +187,11 @@ def _parse_id(text: str) -> int:
 def _check_n(n: int) -> None:
     if not 1 <= n <= MAX_RESULTS:
         raise HTTPException(400, f"n must be between 1 and {MAX_RESULTS}")
+
+
+def _check_min_candidates(min_candidates: int) -> None:
+    if not 0 <= min_candidates <= MAX_MIN_CANDIDATES:
+        raise HTTPException(400, f"min_candidates must be between 0 and {MAX_MIN_CANDIDATES}")
 
 
 def _form_int(form: Any, key: str, default: int) -> int:

@@ -20,7 +20,7 @@ PHOTOS = TESTDATA / "photos"
 
 
 def hit(path: Path) -> Hit:
-    return Hit(str(path), 0.5, 1, ("n02124075",), path, (str(path),))
+    return Hit(str(path), 0.5, 1, ("n02124075",), path, (str(path),), 0.7)
 
 
 def test_labels_show_as_much_of_the_path_as_tells_the_files_apart() -> None:
@@ -39,7 +39,7 @@ def test_the_figure_follows_n_and_numbers_each_rank(photos_db: Path, tmp_path: P
     assert len(titles) == 2 + 7 + MAX_RESULTS  # the second query is capped
     assert titles[0].startswith("query\nred_panda__crop90.jpg\npredicted: lesser panda")
     assert [t.split()[0] for t in titles[1:8]] == [f"#{r}" for r in range(1, 8)]
-    assert titles[1].startswith(f"#1   cosine {results[0].hits[0].score:.3f}\n…/red_panda.jpg")
+    assert titles[1].startswith(f"#1   score {results[0].hits[0].score:.3f}\n…/red_panda.jpg")
     with Image.open(tmp_path / "plot.png") as im:  # rows of 5: 2 for 7 hits, 4 for 20
         assert im.size == (100 * 2.9 * 6, 100 * 3.3 * (2 + 4))
 
