@@ -26,7 +26,7 @@ from cbir.errors import BadImage, CbirError
 from cbir.hashing import image_id_of
 from cbir.images import DEFAULT_MAX_MEGAPIXELS, load_image
 from cbir.model import Descriptions, Model, get_backbone, load_model, resolve_weights
-from cbir.ranking import Float16Rows, Ranked, rank, rank_by, top_rows
+from cbir.ranking import CentredRows, Float16Rows, Ranked, rank, rank_by, top_rows
 from cbir.search import (
     DEFAULT_MIN_CANDIDATES,
     DEFAULT_QUERY_EXPANSION,
@@ -232,6 +232,7 @@ class ResidentMatrix:
         self._state: tuple[int, int, int] | None = None  # (generation, rows, images)
         self._by_unit: dict[str | int, npt.NDArray[np.int64]] = {}  # wnid or list -> rows
         self._live: npt.NDArray[np.int64] | None = None  # the rows of every image, sorted
+        self._centred: CentredRows | None = None  # the rows centred on the mean, for --all
 
     @classmethod
     def fits(cls, db: Database) -> bool:
@@ -245,6 +246,7 @@ class ResidentMatrix:
             return
         self._by_unit.clear()
         self._live = None
+        self._centred = None
         have = self._read if generation == self._generation and n_rows >= self._read else 0
         self._read, self._state = 0, None  # until every row is in (a failed read: all again)
         matrix = db.matrix()
@@ -270,6 +272,22 @@ class ResidentMatrix:
         if self._live is None:
             self._live = db.catalog.all_rows()[1]
         return self._live
+
+    def rank_all(
+        self, db: Database, query: npt.NDArray[np.float32], n: int, expansion: int,
+        mean: npt.NDArray[np.float32] | None, head: npt.NDArray[np.float32] | None,
+    ) -> Ranked:
+        """The best of every committed image's row (an exact --all), by matrix row: scanned
+        in a copy of the rows centred on the mean (CentredRows), made on the first such query
+        after a commit (0.5 s for 60k rows), when it fits MAX_BYTES beside the rows."""
+        live = self.live_rows(db)
+        if mean is None or 2 * self.rows.index.code_size * len(self.rows) > self.MAX_BYTES:
+            return self.rank(live, query, n, expansion, mean, head)
+        if self._centred is None:
+            self._centred = CentredRows(self.rows, mean)
+        only = None if len(live) == len(self.rows) else live
+        return rank_by(lambda probe, k: self._centred.top(probe, k, only), self.rows.rows,
+                       len(live), query, n, expansion, mean, head)  # fmt: skip
 
     def rank(
         self, rows: npt.NDArray[np.int64], query: npt.NDArray[np.float32], n: int,
@@ -408,7 +426,7 @@ def rank_described(
     pooled = None if pool is None or rows is None else \
         pool.rank(rows, feature, n, expansion, mean, head)  # fmt: skip
     if rows is None and resident is not None:
-        ranked = resident.rank(resident.live_rows(db), feature, n, expansion, mean, head)
+        ranked = resident.rank_all(db, feature, n, expansion, mean, head)
     elif rows is None:
         ranked = exhaustive(db, feature, n, expansion, mean, head)
     elif resident is not None:

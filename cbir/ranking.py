@@ -78,6 +78,61 @@ class Float16Rows:
         return self._faiss.rev_swig_ptr(self.index.codes.data(), n * width).reshape(n, width)
 
 
+class CentredRows:
+    """Rows centred on a database's mean and made unit-norm again, as float16, in `shards`
+    parts: the centred cosine of a row to a centred probe is then one inner product, which
+    FAISS scans at memory speed (the two inner products per row that Float16Rows needs for
+    it, all of them kept, cost 4-5x a plain scan), the parts side by side on the cores.
+    Built from stored rows (n, d) a block at a time: 2 d bytes per row more."""
+
+    BLOCK = 16384
+
+    def __init__(self, rows: Float16Rows, mean: npt.NDArray[np.float32], shards: int = 2) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from cbir.centring import centred
+
+        n = len(rows)
+        bounds = np.linspace(0, n, max(1, shards) + 1).astype(np.int64)
+        self.starts = bounds[:-1]
+        self.shards: list[Float16Rows] = []
+        for start, end in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
+            shard = Float16Rows(rows.dim)
+            codes = shard.buffer(end - start)
+            for at in range(start, end, self.BLOCK):
+                stop = min(end, at + self.BLOCK)
+                unit = centred(rows.rows(np.arange(at, stop)), mean).astype(np.float16)
+                codes[at - start : stop - start] = unit.view(np.uint8).reshape(stop - at, -1)
+            self.shards.append(shard)
+        self._pool = ThreadPoolExecutor(len(self.shards)) if len(self.shards) > 1 else None
+
+    def __len__(self) -> int:
+        return sum(len(s) for s in self.shards)
+
+    def top(
+        self, probe: npt.NDArray[np.float32], k: int, only: npt.NDArray[np.int64] | None = None
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+        """(scores, positions) (k,) of the k rows (all, or the sorted positions `only`) with
+        the highest inner product with `probe` (d,), best first."""
+
+        def one(i: int) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+            start = int(self.starts[i])
+            part = None
+            if only is not None:
+                end = start + len(self.shards[i])
+                part = only[(only >= start) & (only < end)] - start
+            scores, positions = self.shards[i].top(probe[None, :], k, part)
+            found = positions[0] >= 0
+            return scores[0][found], positions[0][found] + start
+
+        parts = list(self._pool.map(one, range(len(self.shards)))) if self._pool \
+            else [one(0)]  # fmt: skip
+        scores = np.concatenate([p[0] for p in parts])
+        positions = np.concatenate([p[1] for p in parts])
+        order = np.lexsort((positions, -scores))[:k]  # ties go to the lower position
+        return scores[order], positions[order]
+
+
 # The best k of a query's rows for a probe (d,): (scores (k,), positions (k,)), best first.
 TopRows = Callable[[npt.NDArray[np.float32], int], tuple[npt.NDArray[np.float32],
                                                          npt.NDArray[np.int64]]]  # fmt: skip

@@ -60,13 +60,17 @@ def test_query_api_server_and_evaluate_return_the_same_images_in_the_same_order(
         api = [[h.id for h in opened.query(q, N, min_candidates=BUDGET).hits] for q in queries]
         api_by_id = {i: [h.id for h in opened.query_id(i, 10, min_candidates=BUDGET).hits]
                      for i in {h for hits in api for h in hits}}  # fmt: skip
+        everything = [[h.id for h in opened.query(q, N, all=True, exact=True).hits]
+                      for q in queries]  # fmt: skip
         first = opened.query(queries[0], N, min_candidates=BUDGET)
         assert first.gating.lists[0] == ivf.NEW_ROWS and first.n_searched < info["trained_on"]
         scores = [h.score for h in first.hits]
         assert scores == sorted(scores, reverse=True) and max(scores) <= 1.0
-    with cbir.open_db(db, in_memory=True) as resident:
+    with cbir.open_db(db, in_memory=True) as resident:  # the rows in memory, --all centred
         assert [[h.id for h in resident.query(q, N, min_candidates=BUDGET).hits]
                 for q in queries] == api  # fmt: skip
+        assert [[h.id for h in resident.query(q, N, all=True, exact=True).hits]
+                for q in queries] == everything  # fmt: skip
     capsys.readouterr()
     assert main(["query", str(db), *map(str, queries), "--json", "-n", str(N),
                  "--min-candidates", str(BUDGET)]) == 0  # fmt: skip
