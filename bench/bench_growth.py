@@ -35,7 +35,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -90,13 +90,14 @@ def new_images(c: Collection, rows: np.ndarray) -> list[NewImage]:
 
 def old_gate() -> None:
     """The gate before issue 29: every new image in its nearest list at its commit (no new
-    rows; a cover that only assigns)."""
+    rows, no lists of their own for rows that fit none)."""
     ivf.NEW_ROWS_MIN = ivf.NEW_ROWS_MAX = 0
+    train = ivf.InvertedFile.train.__func__
 
-    def cover(self, features, list_size, seed=1234):  # noqa: ANN001, ANN202
-        return self, self.assign(features)
+    def train_fitting_all(cls, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN206
+        return replace(train(cls, *args, **kwargs), fit=-1.0)
 
-    ivf.InvertedFile.cover = cover
+    ivf.InvertedFile.train = classmethod(train_fitting_all)
 
 
 class Maintenance:

@@ -44,7 +44,7 @@ def compare(name: str, corpus: Corpus) -> None:
         sample = np.sort(np.random.default_rng(1234).choice(
             n, min(n, n_lists * ivf.TRAIN_POINTS_PER_LIST), replace=False))  # fmt: skip
         inverted = ivf.InvertedFile.train(corpus.features[sample], mean, n_lists)
-        lists = inverted.assign(corpus.features)
+        lists = inverted.assign(corpus.features)[1]
         by_list = replace(corpus, memberships=[(f"list {x}",) for x in lists.tolist()])
         choose = gate_by_lists(inverted, corpus.query_features, None, 1000)
         ev = evaluate_corpus(by_list, SearchSettings(), choose)

@@ -218,5 +218,6 @@ def test_cli_evaluate_db_gates_by_the_inverted_lists_as_query_does(tmp_path, cap
     assert main(["query", str(db), str(query), "--json", "--all"]) == 0
     assert json.loads(capsys.readouterr().out)["search"] == "exact"  # approximate from 200k
     assert main(["info", str(db), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["inverted_file"] == {
-        "lists": ivf.n_lists_for(n), "trained_on": n, "new_rows": 0}
+    inverted = json.loads(capsys.readouterr().out)["inverted_file"]
+    assert inverted["lists"] >= ivf.n_lists_for(n)  # and lists for rows that fit none
+    assert (inverted["trained_on"], inverted["new_rows"]) == (n, 0)

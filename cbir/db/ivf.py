@@ -48,6 +48,8 @@ NEW_ROWS = -1  # the list of images added since the lists last covered them: alw
 NEW_ROWS_SHARE = 0.01  # new rows are covered once they pass this share of the images ...
 NEW_ROWS_MIN, NEW_ROWS_MAX = 256, 4096  # ... but never below / above this many
 FIT_PERCENTILE = 5  # a row fits a list if its cosine to it is above that of 5 % of trained rows
+NEW_LIST_SHARE = 4  # lists of rows that fit none are this many times smaller than trained ones:
+# k-means with a few centroids lumps a small new kind (37 photos) in with a large one
 
 IVF_FILES = GenerationFiles("ivf-", ".npz")
 
@@ -101,30 +103,39 @@ class InvertedFile:
         """A unit-norm feature (d,) or rows (n, d) in the centroids' space."""
         return normalise(np.asarray(feature, np.float32) - self.mean)
 
-    def assign(self, features: npt.NDArray[np.float32]) -> npt.NDArray[np.int64]:
-        """(n,) the list of each stored row of `features` (n, d): its nearest centroid."""
+    def assign(
+        self, features: npt.NDArray[np.float32]
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+        """(cosines, lists), each (n,): each stored row of `features` (n, d), its nearest
+        centroid and its cosine to it (below `fit`: the row fits no list)."""
         if len(features) == 0:
-            return np.zeros(0, np.int64)
-        return self.nearest(self.probe(features), 1)[:, 0]
+            return np.zeros(0, np.float32), np.zeros(0, np.int64)
+        return _best(self.probe(features), self.centroids)
 
     def cover(
         self, features: npt.NDArray[np.float32], list_size: int, seed: int = 1234
     ) -> tuple[InvertedFile, npt.NDArray[np.int64]]:
         """(this file with lists added, (n,) the list of each stored row of `features` (n, d)):
-        a row that fits its nearest list (cosine >= fit) goes there; the others are clustered
-        into about one new list per `list_size` of them (k-means among themselves only, so the
-        cost is in proportion to the new rows, not to the database)."""
-        probes = self.probe(features)
-        if len(probes) == 0:
-            return self, np.zeros(0, np.int64)
-        scores, lists = _best(probes, self.centroids)
+        a row that fits its nearest list (cosine >= fit) goes there; the others get lists of
+        their own (with_lists_for)."""
+        scores, lists = self.assign(features)
         unfit = np.flatnonzero(scores < self.fit)
         if len(unfit) == 0:
             return self, lists
-        added = kmeans(probes[unfit], max(1, round(len(unfit) / max(list_size, 1))), seed)
-        grown = InvertedFile(np.concatenate([self.centroids, added]), self.mean, self.fit)
-        lists[unfit] = len(self) + _best(probes[unfit], added)[1]
+        grown, lists[unfit] = self.with_lists_for(features[unfit], list_size, seed)
         return grown, lists
+
+    def with_lists_for(
+        self, features: npt.NDArray[np.float32], list_size: int, seed: int = 1234
+    ) -> tuple[InvertedFile, npt.NDArray[np.int64]]:
+        """(this file with new lists for the stored rows `features` (m, d), (m,) their lists):
+        k-means among those rows only (the cost is in proportion to them, not to the
+        database), one list per list_size / NEW_LIST_SHARE of them."""
+        probes = self.probe(features)
+        size = max(1.0, list_size / NEW_LIST_SHARE)
+        added = kmeans(probes, max(1, min(len(probes), round(len(probes) / size))), seed)
+        grown = InvertedFile(np.concatenate([self.centroids, added]), self.mean, self.fit)
+        return grown, len(self) + _best(probes, added)[1]
 
     def nearest(self, probes: npt.NDArray[np.float32], k: int) -> npt.NDArray[np.int64]:
         """(n, k) the k lists whose centroids are most similar to `probes` (n, d) or (d,)

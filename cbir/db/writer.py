@@ -340,9 +340,11 @@ class Writer:
         self._delete_other_generations(ivf.IVF_FILES, generation + 1)
 
     def train_ivf(self, seed: int = 1234) -> None:
-        """k-means on a sample of the live rows centred on the database's mean, written as
-        the next IVF generation, then every image's list set with that generation in one
-        transaction."""
+        """k-means on a sample of the live rows centred on the database's mean; every image
+        goes to its nearest list, and those that fit none as well as 95 % of the sample fit
+        theirs get lists of their own (ivf.InvertedFile.with_lists_for: a small kind among a
+        large one would otherwise be spread over lists of the other). Written as the next IVF
+        generation, then every image's list set with that generation in one transaction."""
         generation, _ = self.catalog.ivf_state()
         ids, rows = self.catalog.all_rows()
         matrix = self.db.matrix()
@@ -353,12 +355,18 @@ class Writer:
         centre = self.db.centre()
         mean = np.zeros(self.settings.feature_dim, np.float32) if centre is None else centre.mean
         inverted = ivf.InvertedFile.train(matrix.gather(sample), mean, n_lists, seed)
-        inverted.write(self.db_dir / ivf.IVF_FILES.name(generation + 1))
         lists = np.empty(len(rows), np.int64)
+        fits = np.empty(len(rows), np.float32)
         block = 16384
         for start in range(0, len(rows), block):
             part = rows[start : start + block]
-            lists[start : start + block] = inverted.assign(matrix.gather(part))
+            fits[start : start + block], lists[start : start + block] = \
+                inverted.assign(matrix.gather(part))  # fmt: skip
+        unfit = np.flatnonzero(fits < inverted.fit)
+        if len(unfit):
+            inverted, lists[unfit] = inverted.with_lists_for(
+                matrix.gather(rows[unfit]), max(1, len(rows) // n_lists), seed)  # fmt: skip
+        inverted.write(self.db_dir / ivf.IVF_FILES.name(generation + 1))
         self.catalog.set_lists(zip(rows.tolist(), lists.tolist(), strict=True), generation + 1,
                                len(rows))  # fmt: skip
         self._delete_other_generations(ivf.IVF_FILES, generation + 1)
