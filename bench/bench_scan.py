@@ -5,6 +5,7 @@ the real writer, then after 1,000 more images were added:
     python bench/export_fashion_mnist.py /tmp/fm/train --per-class 6000 --split train
     python bench/export_fashion_mnist.py /tmp/fm/test --per-class 1000 --split test
     python bench/bench_scan.py --fashion /tmp/fm
+    python bench/bench_scan.py --db DB_DIR      # an existing database, e.g. bench_db's 1M
 
 Timed, median of 30 queries (30 stored images, each query by id, as "more like this"):
 `cbir.open_db(DB, in_memory=True).query_id(id, n=10, all=True, exact=True)` (centred, query
@@ -85,9 +86,15 @@ def measure(db_dir: Path, label: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--fashion", type=Path, required=True)
+    parser.add_argument("--fashion", type=Path, help="exported Fashion-MNIST: build 60k")
+    parser.add_argument("--db", type=Path, help="or measure this database as it is")
     parser.add_argument("--cache", type=Path, default=Path("/tmp/cbir-growth"))
     args = parser.parse_args()
+    if args.db is not None:
+        measure(args.db, str(args.db))
+        return
+    if args.fashion is None:
+        parser.error("give --fashion or --db")
     train = collection("fm_train", args.fashion / "train", args.cache)
     test = collection("fm_test", args.fashion / "test", args.cache)
     print(f"{platform.node()}: {platform.processor() or platform.machine()}, "

@@ -101,7 +101,7 @@ def resolve_weights(backbone: Backbone, weights: str) -> WeightsSpec:
     path = Path(weights).expanduser()
     if not path.is_file():
         raise WeightsMissing(f"weights file {path} does not exist")
-    return WeightsSpec(path.resolve(), "sha256:" + file_sha256(path)[:16])
+    return WeightsSpec(path.resolve(), "sha256:" + file_sha256(path))
 
 
 def _missing_weights_message(backbone: Backbone, why: str) -> str:

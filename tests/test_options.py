@@ -78,3 +78,34 @@ def test_help_shows_defaults_and_an_example_for_every_command() -> None:
     create_help = " ".join(commands["create-db"].format_help().split())
     assert "--commit-every N commit to disk every N new images (and at least once a minute) " \
            "(default: 1024)" in create_help
+
+
+def test_a_weights_file_works_end_to_end(tmp_path: Path, photos_dir: Path, capsys) -> None:
+    """--weights FILE: create-db records the file's full SHA-256, add and query need the same
+    file, and evaluate builds with it."""
+    import shutil
+    from importlib import resources
+
+    weights = tmp_path / "mine.weights.h5"
+    with resources.as_file(resources.files("cbir") / "data" /
+                           "efficientnet_lite0_imagenet.weights.h5") as shipped:  # fmt: skip
+        shutil.copy(shipped, weights)
+    source, more = tmp_path / "source", tmp_path / "more"
+    shutil.copytree(photos_dir / "animals", source)
+    shutil.copytree(photos_dir / "food", more)
+    db = str(tmp_path / "w.db")
+    model = ["--model", "efficientnet_lite0", "--weights", str(weights)]
+    assert main(["create-db", str(source), db, *model]) == 0
+    assert main(["add", db, str(more), "--weights", str(weights)]) == 0
+    query = str(source / "chelsea.jpg")
+    [result] = run_json(capsys, "query", db, query, "--weights", str(weights), "--json")
+    assert result["results"][0]["paths"] == [query]
+    [info] = run_json(capsys, "info", db, "--json")
+    assert len(info["weights"]) == len("sha256:") + 64
+    assert main(["query", db, query]) == 1
+    assert "pass the same file with --weights" in capsys.readouterr().err
+    labelled = tmp_path / "labelled"
+    for kind in ("animals", "food"):
+        shutil.copytree(photos_dir / kind, labelled / kind)
+    [scores] = run_json(capsys, "evaluate", str(labelled), *model, "--json")
+    assert scores["n_images"] == len(list(labelled.rglob("*.jpg")))

@@ -7,24 +7,26 @@ rank in); every image is assigned to its nearest centroid, and the catalog keeps
 number beside the image's row (so assignments are committed by the same transaction as the
 image). A gated query orders the lists by their centroid's cosine to its centred probe and
 takes their rows until it has its candidate budget; `--all` takes the `nprobe` nearest
-lists. On evaldata among 70,000 Fashion-MNIST images this keeps 100.2 % of the exhaustive
-mAP in 1.7 % of the rows, where whole categories kept 92.4 % in 2.8 % (docs/quality.md).
+lists. The centroids, the mean they are centred on and `fit` are a plain array file,
+ivf-<generation>.npz; the catalog says which generation is in use. They are trained once
+the database holds IVF_MIN_IMAGES images and again whenever it has grown RETRAIN_GROWTH-fold
+since, so that the lists stay balanced as it grows.
 
-The centroids and the mean they are centred on are a plain array file, ivf-<generation>.npz;
-the catalog says which generation is in use. They are trained once the database holds
-IVF_MIN_IMAGES images and again whenever it has grown RETRAIN_GROWTH-fold since, so that the
-lists stay balanced as it grows.
+A list must fit what it holds: a small kind among a large one (37 photos among 40k fashion
+images), spread over lists of the other kind, is not found by a query that walks the lists
+nearest to it. So a row that fits its nearest list worse than 95 % of the training sample
+fit theirs (cosine below `fit`) gets a list of its own kind: the rows that fit none are
+clustered among themselves into lists NEW_LIST_SHARE times smaller than the trained ones.
 
-Lists trained on what the database held then do not know what it gets later: photos of a new
-kind, spread over lists whose centroids are far from all of them, were mostly not found
-(evaldata added to 60k Fashion-MNIST: 32 % of the exhaustive mAP). So an image added after
-the lists were trained is not put in a list at once: it joins the new rows (list NEW_ROWS),
-which every gated query searches whole, as vector databases search their growing segment.
-When they pass new_rows_limit(n), the writer covers them (InvertedFile.cover): each goes to
-its nearest list if it fits it as well as the trained rows fit theirs (cosine >= `fit`, the
-FIT_PERCENTILE-th percentile of the training sample's), and the rest are clustered into new
-lists appended to the file. So a gated query searches its lists plus at most
-new_rows_limit(n) rows, whatever the order images arrived in (bench/bench_growth.py).
+And lists trained on what the database held then do not know what it gets later: photos
+of a new kind added to 60k Fashion-MNIST were mostly not found (32 % of the exhaustive mAP).
+So an image added after the lists were trained is not put in a list at once: it joins the
+new rows (list NEW_ROWS), which every gated query searches whole, as vector databases search
+their growing segment. When they pass new_rows_limit(n) (1 % of the images, 256 to 4096),
+the writer covers them (InvertedFile.cover) in the same way: each goes to its nearest list if
+it fits it, and the rest get lists of their own, appended to the file. A gated query searches
+its lists plus at most new_rows_limit(n) rows, whatever the order images arrived in; a cover
+costs k-means among the new rows only (bench/bench_growth.py, docs/quality.md).
 """
 
 from __future__ import annotations
