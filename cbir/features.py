@@ -9,8 +9,7 @@ and apply them to its queries.
 
 Query expansion (average query expansion, AQE): average the query with its top-m results,
 renormalise, search again; results that agree with each other pull the query towards them.
-The m results that made the expansion stay at the top; it only re-ranks the rest (the ranking
-itself is `cbir.search.top_matches`, shared by `cbir query` and `cbir evaluate`).
+How the two searches make one ranking is cbir.ranking.rank_by's (every front end's).
 """
 
 from __future__ import annotations

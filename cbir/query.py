@@ -232,7 +232,8 @@ class ResidentMatrix:
         self._state: tuple[int, int, int] | None = None  # (generation, rows, images)
         self._by_unit: dict[str | int, npt.NDArray[np.int64]] = {}  # wnid or list -> rows
         self._live: npt.NDArray[np.int64] | None = None  # the rows of every image, sorted
-        self._centred: CentredRows | None = None  # the rows centred on the mean, for --all
+        # the rows centred on a mean, for --all, with that mean (d,)
+        self._centred: tuple[npt.NDArray[np.float32], CentredRows] | None = None
 
     @classmethod
     def fits(cls, db: Database) -> bool:
@@ -283,10 +284,11 @@ class ResidentMatrix:
         live = self.live_rows(db)
         if mean is None or 2 * self.rows.index.code_size * len(self.rows) > self.MAX_BYTES:
             return self.rank(live, query, n, expansion, mean, head)
-        if self._centred is None:
-            self._centred = CentredRows(self.rows, mean)
+        if self._centred is None or not np.array_equal(self._centred[0], mean):
+            self._centred = mean.copy(), CentredRows(self.rows, mean)
+        centred_rows = self._centred[1]
         only = None if len(live) == len(self.rows) else live
-        return rank_by(lambda probe, k: self._centred.top(probe, k, only), self.rows.rows,
+        return rank_by(lambda probe, k: centred_rows.top(probe, k, only), self.rows.rows,
                        len(live), query, n, expansion, mean, head)  # fmt: skip
 
     def rank(
