@@ -462,7 +462,9 @@ def _index(args: argparse.Namespace, db_dir: Path, sources: list[Path]) -> int:
     if getattr(args, "prune", False):
         from cbir.indexing import sync
 
-        removed = sync(db_dir, wait=args.wait, on_wait=_say).images
+        pruned = sync(db_dir, wait=args.wait, on_wait=_say)
+        _say_unknown(pruned.unknown)
+        removed = pruned.images
     summary = (
         f"indexed {report.indexed}, unchanged {report.unchanged}, skipped {len(report.skipped)}"
     )
@@ -511,12 +513,22 @@ def cmd_sync(args: argparse.Namespace) -> int:
     from cbir.indexing import sync
 
     done = sync(args.db_dir, wait=args.wait, on_wait=_say)
+    _say_unknown(done.unknown)
     if not done.paths:
-        print("removed 0: every indexed source file still exists", file=sys.stderr)
+        print("removed 0: no indexed source file is known to be gone", file=sys.stderr)
     else:
         print(f"forgot {done.paths} paths of deleted files, removed {done.images} images",
               file=sys.stderr)  # fmt: skip
     return 0
+
+
+def _say_unknown(unknown: list[tuple[str, str]]) -> None:
+    """One line per source that could not be looked at (kept), then how many."""
+    for path, why in unknown[:20]:
+        print(f"kept {shown(path)}: cannot tell whether it still exists ({why})",
+              file=sys.stderr)  # fmt: skip
+    if len(unknown) > 20:
+        print(f"kept {len(unknown) - 20} more that cannot be looked at", file=sys.stderr)
 
 
 def cmd_check(args: argparse.Namespace) -> int:

@@ -441,6 +441,8 @@ class Removal:
     images: int  # images removed (no path points at their content any more)
     paths: int  # source paths forgotten
     not_indexed: list[Path]  # targets that matched no indexed path
+    unknown: list[tuple[str, str]] = field(default_factory=list)  # (path, why) not checkable:
+    # kept, since only a file known to be gone is forgotten
 
 
 def remove_sources(
@@ -462,10 +464,35 @@ def remove_sources(
 
 
 def sync(db_dir: Path, wait: bool = True, on_wait: Callable[[str], None] | None = None) -> Removal:
-    """Forget source paths that no longer exist."""
+    """Forget source paths known to be gone; a path that cannot be looked at (a folder without
+    permission, an I/O error) is reported in Removal.unknown and kept."""
     with open_writer(db_dir, wait=wait, on_wait=on_wait) as writer:
-        gone = [p for p, _ in writer.catalog.paths() if not os.path.exists(p)]
-        return Removal(writer.remove_paths(gone) if gone else 0, len(gone), [])
+        gone, unknown = [], []
+        for path, _ in writer.catalog.paths():
+            state = source_state(path)
+            if state == "gone":
+                gone.append(path)
+            elif state != "present":
+                unknown.append((path, state))
+        return Removal(writer.remove_paths(gone) if gone else 0, len(gone), [], unknown)
+
+
+def source_state(path: str) -> str:
+    """"present", "gone" (it, and each missing folder above it, answers 'no such file', up to
+    a folder that exists), or why it cannot be told (e.g. "Permission denied"): a source on
+    an unreadable folder or a share that answers with an error is not taken for deleted."""
+    current = os.path.abspath(path)
+    while True:
+        try:
+            os.lstat(current)
+            return "present" if current == os.path.abspath(path) else "gone"
+        except (FileNotFoundError, NotADirectoryError):
+            parent = os.path.dirname(current)
+            if parent == current:
+                return "gone"
+            current = parent
+        except OSError as exc:
+            return exc.strerror or type(exc).__name__
 
 
 def _absolute(path: Path) -> Path:

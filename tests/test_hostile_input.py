@@ -421,7 +421,7 @@ def test_remove_and_sync_say_when_nothing_matched(db, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "never.jpg is not in the database" in err
     assert main(["sync", str(db)]) == 0
-    assert "every indexed source file still exists" in capsys.readouterr().err
+    assert "no indexed source file is known to be gone" in capsys.readouterr().err
 
 
 def test_ctrl_c_says_what_was_committed_and_check_calls_it_an_interrupted_write(

@@ -228,6 +228,35 @@ def test_sync_and_prune_drop_images_whose_source_was_deleted(tmp_path, capsys):
     assert sorted(p.name.split("-")[0] for p in db.rglob("*.jpg")) == ["rocket"] * 4
 
 
+def test_a_source_that_cannot_be_looked_at_is_kept_not_taken_for_deleted(tmp_path, capsys):
+    """sync forgets a path only when it (and each missing folder above it) answers 'no such
+    file'; any other answer (here a folder turned into a loop of links: 'Too many levels of
+    symbolic links', as a share that is down or a folder without permission answers with
+    their own errors) is reported and the image kept."""
+    import os
+
+    from cbir.indexing import source_state
+
+    src = copy_photos(tmp_path / "src", "animals/chelsea.jpg")
+    (src / "away").mkdir()
+    copy_photos(src / "away", "food/coffee.jpg")
+    (src / "deleted").mkdir()
+    copy_photos(src / "deleted", "vehicles/rocket.jpg")
+    db = tmp_path / "db"
+    assert main(["create-db", str(src), str(db), *LITE0]) == 0
+    shutil.rmtree(src / "away")
+    os.symlink("away", src / "away")  # a loop: looking inside fails, but not with ENOENT
+    shutil.rmtree(src / "deleted")  # a whole folder deleted: its photo is gone
+    assert source_state(str(src / "away" / "coffee.jpg")) == "Too many levels of symbolic links"
+    assert source_state(str(src / "deleted" / "rocket.jpg")) == "gone"
+    capsys.readouterr()
+    assert main(["sync", str(db)]) == 0
+    err = capsys.readouterr().err
+    assert f"kept {src / 'away' / 'coffee.jpg'}: cannot tell whether it still exists" in err
+    assert "forgot 1 paths of deleted files, removed 1 images" in err
+    assert sorted(Path(p).name for p in catalog_paths(db)) == ["chelsea.jpg", "coffee.jpg"]
+
+
 def test_every_bad_file_is_skipped_with_its_reason_and_the_run_succeeds(tmp_path, capsys):
     src = tmp_path / "src"
     shutil.copytree(TESTDATA / "bad", src)
