@@ -31,7 +31,7 @@ from PIL import Image
 from cbir import categories
 from cbir.db import FORMAT_VERSION, Database, ivf
 from cbir.errors import BadImage, CbirError
-from cbir.images import DEFAULT_MAX_MEGAPIXELS, load_image, model_input
+from cbir.images import DEFAULT_MAX_MEGAPIXELS, load_image, model_input, read_source
 from cbir.indexing import Callbacks, IndexOptions, IndexReport, Removal, index_paths
 from cbir.indexing import remove_sources as _remove_sources
 from cbir.indexing import sync as _sync
@@ -252,10 +252,7 @@ class ImageDatabase:
         resize = self._db.settings.resize
         if isinstance(image, (str, os.PathLike)):
             label = Path(image)
-            try:
-                image = label.read_bytes()
-            except OSError as exc:
-                raise BadImage(label, f"cannot read ({exc.strerror})") from None
+            image = read_source(label)
         else:
             label = Path(name or "<image>")
         if isinstance(image, bytes):

@@ -608,6 +608,8 @@ def _query_images(paths: list[Path]) -> list[Path]:
             images += found
         elif path.is_file():
             images.append(path)
+        elif path.exists():
+            raise CbirError(f"query image {shown(path)} is not a regular file")
         else:
             raise CbirError(f"query image {shown(path)} does not exist")
     return images

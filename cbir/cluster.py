@@ -104,7 +104,7 @@ class Describer:
         return out  # type: ignore[return-value]  # every entry is a Described now, in order
 
     def _decode(self, item: tuple[str, bytes | str | None]) -> Described | tuple:
-        from cbir.images import load_image
+        from cbir.images import load_image, read_source
 
         path, data = item
         if isinstance(data, str):
@@ -112,10 +112,9 @@ class Describer:
         try:
             if data is None:
                 try:
-                    data = Path(path).read_bytes()
-                except OSError as exc:
-                    return Described(path, "", f"cannot read ({exc.strerror}) on "
-                                                f"{socket.gethostname()}")  # fmt: skip
+                    data = read_source(Path(path))
+                except BadImage as bad:
+                    return Described(path, "", f"{bad.reason} on {socket.gethostname()}")
             sha = hashlib.sha256(data).hexdigest()
             warned: list[str] = []
             pixels = load_image(Path(path), self.spec.input_size, data, self.spec.max_megapixels,
@@ -247,6 +246,8 @@ def batches(
 ) -> Iterator[list[tuple[str, bytes | str | None]]]:
     """The files in tasks of `size`; with `ship_bytes` the writer reads them (for one it
     cannot read, the reason is sent, and the actor reports it in order)."""
+    from cbir.images import read_source
+
     for start in range(0, len(files), size):
         chunk = files[start : start + size]
         if not ship_bytes:
@@ -255,9 +256,9 @@ def batches(
         shipped: list[tuple[str, bytes | str | None]] = []
         for path in chunk:
             try:
-                shipped.append((path, Path(path).read_bytes()))
-            except OSError as exc:
-                shipped.append((path, str(exc.strerror)))
+                shipped.append((path, read_source(Path(path))))
+            except BadImage as bad:
+                shipped.append((path, bad.reason))
         yield shipped
 
 

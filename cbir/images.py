@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 import struct
 import threading
 import warnings
@@ -31,6 +32,7 @@ IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".heic", ".heif"}
 )
 DEFAULT_MAX_MEGAPIXELS = 100.0
+MAX_FILE_BYTES = 200 << 20  # a source image file larger than this is refused, never read whole
 # How images are shrunk to the model's input. A database records the filter its features were
 # computed with and its queries use the same one. Bilinear (antialiased, like bicubic) costs
 # 0.6 ms where bicubic costs 1.0 ms per photo after the JPEG draft, a third of all decoding,
@@ -99,6 +101,29 @@ _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, Inde
 
 def is_image_name(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def read_source(path: Path, max_bytes: int = MAX_FILE_BYTES) -> bytes:
+    """The bytes of a source image file, read only if it is a regular file of at most
+    max_bytes: a FIFO would block forever and /dev/zero or a 3 GB file would fill the memory.
+    Opened without blocking, then checked (fstat) before anything is read. Raises BadImage."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise BadImage(path, f"cannot read ({exc.strerror})") from None
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise BadImage(path, "not a regular file (a pipe, a device or a socket)")
+        if info.st_size > max_bytes:
+            raise BadImage(path, f"larger than {max_bytes >> 20} MB ({info.st_size >> 20} MB)")
+        try:
+            data = f.read(max_bytes + 1)
+        except OSError as exc:
+            raise BadImage(path, f"cannot read ({exc.strerror})") from None
+    if len(data) > max_bytes:
+        raise BadImage(path, f"larger than {max_bytes >> 20} MB")
+    return data
 
 
 def find_images(paths: Iterable[Path], exclude: Path | None = None) -> Iterator[Path | BadImage]:
@@ -185,7 +210,7 @@ def decode_rgb(
     _collecting.warnings = [] if warned is None else warned
     try:
         if data is None:
-            data = path.read_bytes()
+            data = read_source(path)
         if not data:
             raise BadImage(path, "empty file")
         with Image.open(io.BytesIO(data)) as im:

@@ -25,7 +25,13 @@ from cbir import categories
 from cbir.db import MANIFEST_NAME, NewImage, Settings, Writer, open_writer, read_manifest
 from cbir.db.catalog import TOP_CLASSES
 from cbir.errors import BadImage, CbirError, DatabaseError
-from cbir.images import DEFAULT_MAX_MEGAPIXELS, DEFAULT_RESIZE, find_images, load_image
+from cbir.images import (
+    DEFAULT_MAX_MEGAPIXELS,
+    DEFAULT_RESIZE,
+    find_images,
+    load_image,
+    read_source,
+)
 from cbir.model import Model, get_backbone, load_model, resolve_weights
 
 if TYPE_CHECKING:
@@ -290,10 +296,7 @@ def _describe_and_store(
 
     def prepare(found: _Found) -> _Prepared:
         path, file_size, mtime_ns = Path(found[0]), found[1], found[2]
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise BadImage(path, f"cannot read ({exc.strerror})") from exc
+        data = read_source(path)
         sha = hashlib.sha256(data).hexdigest()
         if writer.has_image(sha):
             return _Prepared(path, sha, file_size, mtime_ns, None)

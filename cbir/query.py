@@ -24,7 +24,7 @@ from cbir.db.database import CategoryMembers
 from cbir.db.matrix import SCAN_BLOCK_ROWS, SearchMatrix
 from cbir.errors import BadImage, CbirError
 from cbir.hashing import image_id_of
-from cbir.images import DEFAULT_MAX_MEGAPIXELS, load_image
+from cbir.images import DEFAULT_MAX_MEGAPIXELS, load_image, read_source
 from cbir.model import Descriptions, Model, get_backbone, load_model, resolve_weights
 from cbir.ranking import CentredRows, Float16Rows, Ranked, rank, rank_by, top_rows
 from cbir.search import (
@@ -117,11 +117,7 @@ def run_queries(
     outcome: dict[Path, QueryResult | BadImage] = {}
     for path in query_paths:
         try:
-            data = path.read_bytes()
-        except OSError as exc:
-            outcome[path] = BadImage(path, f"cannot read ({exc.strerror})")
-            continue
-        try:
+            data = read_source(path)
             pixels = load_image(path, size, data, max_megapixels=options.max_megapixels,
                                 resize=db.settings.resize)  # fmt: skip
             loaded.append((path, pixels, content_id(data)))

@@ -449,3 +449,26 @@ def test_ctrl_c_says_what_was_committed_and_check_calls_it_an_interrupted_write(
     monkeypatch.setattr(cbir.indexing, "_describe", real_describe)
     assert main(["create-db", str(photos_dir), str(db), *options]) == 0
     assert main(["check", str(db)]) == 0
+
+
+def test_a_fifo_among_the_sources_or_as_a_query_is_skipped_not_waited_on(tmp_path, capsys):
+    """A FIFO named like a photo would block a plain open() forever (no writer ever comes);
+    it is refused as not a regular file, by create-db and by query, and the run goes on."""
+    import os
+    import subprocess
+    import sys
+
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(TESTDATA / "photos" / "animals" / "chelsea.jpg", src)
+    os.mkfifo(src / "pipe.jpg")
+    db = tmp_path / "db"
+    run = subprocess.run([sys.executable, str(REPO / "bin" / "cbir"), "create-db", str(src),
+                          str(db), "--model", "efficientnet_lite0"],
+                         capture_output=True, text=True, timeout=240)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert "pipe.jpg: not a regular file" in run.stderr
+    assert "indexed 1, unchanged 0, skipped 1" in run.stderr
+    run = subprocess.run([sys.executable, str(REPO / "bin" / "cbir"), "query", str(db),
+                          str(src / "pipe.jpg")], capture_output=True, text=True, timeout=240)
+    assert run.returncode != 0 and "not a regular file" in run.stderr
