@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import errno
 import json
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -79,6 +80,14 @@ def one_line(text: str) -> str:
     """`text` with control characters escaped (\\n, \\t, \\x1b), surrogates as \\xNN."""
     text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
+def finite_float(text: str) -> float:
+    """A number option: 'nan' or 'inf' would switch a limit off or match nothing, silently."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -165,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
         p.add_argument(
             "--max-megapixels",
-            type=float,
+            type=finite_float,
             default=DEFAULT_MAX_MEGAPIXELS,
             help="larger images are skipped as possible decompression bombs",
         )
@@ -230,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("db_dir", type=Path)
     p.add_argument("images", type=Path, nargs="+")
     p.add_argument("-n", type=int, default=10, dest="n_results", help="results per query")
-    p.add_argument("--min-score", type=float, default=-1.0, metavar="S",
+    p.add_argument("--min-score", type=finite_float, default=-1.0, metavar="S",
                    help="leave out results whose plain cosine to the query is below S (the "
                    "score they are ranked by is centred on the database's mean, so it moves "
                    "as the database changes; the cosine does not)")
@@ -252,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--max-megapixels",
-        type=float,
+        type=finite_float,
         default=DEFAULT_MAX_MEGAPIXELS,
         help="larger query images are refused as possible decompression bombs",
     )
@@ -355,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("duplicates",
                             help="groups of identical and near-duplicate images")
     p.add_argument("db_dir", type=Path)
-    p.add_argument("--threshold", type=float, default=None, metavar="T",
+    p.add_argument("--threshold", type=finite_float, default=None, metavar="T",
                    help="near-duplicates have a cosine >= T (default: 0.8, measured on the test "
                         "data's near-duplicates; README)")
     p.add_argument("--json", action="store_true", help="one JSON object per group per line")
@@ -379,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="0: any free port (default: 8000)")
-    p.add_argument("--max-upload-mb", type=float, default=20.0,
+    p.add_argument("--max-upload-mb", type=finite_float, default=20.0,
                    help="larger query uploads get HTTP 413 (default: 20)")
     p.add_argument("--weights", help="the weights FILE, for a database built with one")
     engine_options(p)

@@ -133,6 +133,9 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
         (["query", "/nonexistent/db", "x.jpg"], "does not exist"),
         (["info", "/nonexistent/db"], "no database at /nonexistent/db"),
         (["create-db", "/nonexistent/src", "/tmp/never"], "source folder /nonexistent/src"),
+        (["query", "/tmp", "x.jpg", "--min-score", "nan"], "'nan' is not a finite number"),
+        (["query", "/tmp", "x.jpg", "--max-megapixels", "nan"], "'nan' is not a finite number"),
+        (["serve", "/tmp", "--max-upload-mb", "inf"], "'inf' is not a finite number"),
     ],
 )
 def test_user_mistakes_are_one_line_on_stderr_and_a_nonzero_exit(args, message):
