@@ -251,6 +251,10 @@ def labels_from_csv(groups_file: Path) -> dict[str, str | None]:
             rows = [r for r in csv.reader(f) if r and any(cell.strip() for cell in r)]
     except OSError as exc:
         raise CbirError(f"cannot read {groups_file}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise CbirError(f"{groups_file} is not UTF-8 text (byte {exc.start})") from None
+    except csv.Error as exc:
+        raise CbirError(f"{groups_file} is not a CSV of path,group rows ({exc})") from None
     if rows and [c.strip().lower() for c in rows[0][:2]] == ["path", "group"]:
         rows = rows[1:]
     labels: dict[str, str | None] = {}

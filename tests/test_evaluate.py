@@ -221,3 +221,17 @@ def test_cli_evaluate_db_gates_by_the_inverted_lists_as_query_does(tmp_path, cap
     inverted = json.loads(capsys.readouterr().out)["inverted_file"]
     assert inverted["lists"] >= ivf.n_lists_for(n)  # and lists for rows that fit none
     assert (inverted["trained_on"], inverted["new_rows"]) == (n, 0)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"path,group\n" + b"x" * 140_000 + b",a\n", "is not a CSV of path,group rows"),
+    (b"path,group\n\xff.jpg,a\n", "is not UTF-8 text"),
+])
+def test_a_groups_file_that_is_not_a_csv_is_one_line(tmp_path, capsys, content, message):
+    from cbir.cli import main
+
+    groups = tmp_path / "groups.csv"
+    groups.write_bytes(content)
+    assert main(["evaluate", "--groups", str(groups), "--model", "efficientnet_lite0"]) == 1
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
