@@ -472,3 +472,19 @@ def test_a_fifo_among_the_sources_or_as_a_query_is_skipped_not_waited_on(tmp_pat
     run = subprocess.run([sys.executable, str(REPO / "bin" / "cbir"), "query", str(db),
                           str(src / "pipe.jpg")], capture_output=True, text=True, timeout=240)
     assert run.returncode != 0 and "not a regular file" in run.stderr
+
+
+def test_a_category_folder_replaced_by_a_link_is_never_written_through(db, tmp_path):
+    """A category folder turned into a link to a folder outside, with the catalog saying its
+    rows are still to be written to the category files (as after a crash): the next writer
+    must not write segments there (it wrote features.2-2.npz into the link's target)."""
+    folder = chelsea_copies(db)[0].parent
+    outside = tmp_path / "outside"
+    shutil.move(str(folder), str(outside))
+    folder.symlink_to(outside, target_is_directory=True)
+    with sqlite3.connect(db / CATALOG_NAME) as conn:
+        conn.execute("UPDATE meta SET value = 0 WHERE key = 'recorded_rows'")
+    before = tree(outside)
+    one_clear_line(run_cli("add", str(db), str(CHELSEA)), "is not a folder of this database",
+                   "check --repair")  # fmt: skip
+    assert tree(outside) == before

@@ -548,7 +548,8 @@ class Writer:
         if wnids is None:
             folders = list(self.category_folders())
         else:
-            folders = [(w, d) for w in wnids if (d := self.db.category_dir(w)).is_dir()]
+            folders = [(w, d) for w in wnids
+                       if (d := self.db.category_dir(w)).is_dir() and not d.is_symlink()]
         for wnid, folder in folders:
             records = self.catalog.images_in(wnid)
             committed = np.array([r.image_id for r in records], np.int64)
@@ -625,7 +626,9 @@ def _make_folder(folder: Path) -> None:
 
 
 def _make_folder_if_missing(folder: Path) -> None:
-    if not folder.is_dir():
+    """A category folder, made if missing; a link in its place is refused (is_dir() follows
+    links: segments were written into the link's target)."""
+    if folder.is_symlink() or not folder.is_dir():
         _make_folder(folder)
 
 
