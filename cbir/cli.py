@@ -640,6 +640,7 @@ def _plot_target(path: Path) -> Path:
 
 def _print_table(result) -> None:  # noqa: ANN001
     from cbir import categories
+    from cbir.db import ivf
 
     names = categories.names_by_wnid()
     cats = ", ".join(f"{c.name} {c.prob:.2f}" for c in result.categories)
@@ -652,8 +653,10 @@ def _print_table(result) -> None:  # noqa: ANN001
         print(f"  none of its predicted categories is in the database; searched the "
               f"{len(searched)} {closest} ones it has: {listed}{more}")  # fmt: skip
     nearest = " nearest by centroid" if result.gating.order == "centroids" else ""
+    walked = [x for x in result.gating.lists if x != ivf.NEW_ROWS]
     gated = f"in {len(searched)} categories{nearest}" if not result.gating.lists else \
-        f"in the {len(result.gating.lists)} nearest lists of the inverted file"  # fmt: skip
+        f"in the {len(walked)} nearest list{'s' * (len(walked) != 1)} of the inverted file " \
+        "and the images added since it last placed new ones"  # fmt: skip
     where = {"gated": gated, "exact": "(every image)",
              "ivf": "(the nearest lists of the inverted file)"}[result.method]  # fmt: skip
     print(f"  searched {result.n_searched} images {where}")
