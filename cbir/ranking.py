@@ -106,9 +106,6 @@ class CentredRows:
             self.shards.append(shard)
         self._pool = ThreadPoolExecutor(len(self.shards)) if len(self.shards) > 1 else None
 
-    def __len__(self) -> int:
-        return sum(len(s) for s in self.shards)
-
     def top(
         self, probe: npt.NDArray[np.float32], k: int, only: npt.NDArray[np.int64] | None = None
     ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
@@ -148,9 +145,6 @@ class Ranked:
     positions: npt.NDArray[np.int64]
     scores: npt.NDArray[np.float32]
     cosines: npt.NDArray[np.float32]
-
-    def __len__(self) -> int:
-        return len(self.positions)
 
     def take(self, keep: npt.NDArray[np.bool_] | slice) -> Ranked:
         return Ranked(self.positions[keep], self.scores[keep], self.cosines[keep])
